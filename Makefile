@@ -1,0 +1,41 @@
+# psgpo — the two commands a newcomer needs: `make demo` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.psgpo-installed
+# CPU build of torch by default; on a GPU machine set TORCH_SPEC to the build you want.
+TORCH_SPEC ?= torch==2.13.0
+OUT ?= runs/demo
+
+.PHONY: setup test lint demo bench protos clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e ".[ml,bench,dev]"
+	touch $(STAMP)
+
+test: setup
+	$(BIN)/python protos/generate.py --check
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+demo: setup
+	$(BIN)/psgpo demo --out $(OUT)
+
+bench: setup
+	$(BIN)/psgpo bench prm --out runs/bench
+	$(BIN)/psgpo bench sandbox --out runs/bench
+
+protos: setup
+	$(BIN)/python protos/generate.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,1 @@
+"""psgpo wire contracts: generated protobuf/gRPC code lives in psgpo.v1."""

@@ -1,0 +1,1 @@
+"""psgpo services: PRM inference, code sandbox, rollout workers (imports nothing heavy)."""

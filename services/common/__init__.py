@@ -1,0 +1,1 @@
+"""Shared pieces: settings, logging, auth, gRPC/HTTP bootstrap, and the one definition of a line."""

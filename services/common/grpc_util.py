@@ -1,0 +1,82 @@
+"""gRPC (grpc.aio) bootstrap shared by the services: auth interceptor, health, reflection, limits."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from services.common.auth import bearer_ok
+
+OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Rejects calls without `authorization: Bearer <token>` metadata (health and reflection stay open)."""
+
+    def __init__(self, token: str) -> None:
+        self._token = token
+
+        async def deny(_request: Any, context: grpc.aio.ServicerContext) -> None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
+
+        self._deny_unary = grpc.unary_unary_rpc_method_handler(deny)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        if details.method.startswith(OPEN_METHOD_PREFIXES):
+            return await continuation(details)
+        header = dict(details.invocation_metadata or ()).get("authorization")
+        if bearer_ok(header if isinstance(header, str) else None, self._token):
+            return await continuation(details)
+        handler = await continuation(details)
+        if handler is not None and handler.response_streaming:
+
+            async def deny_stream(_request: Any, context: grpc.aio.ServicerContext) -> None:
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
+
+            return grpc.unary_stream_rpc_method_handler(deny_stream)
+        return self._deny_unary
+
+
+def build_server(
+    register: Iterable[Callable[[grpc.aio.Server], None]],
+    service_names: Iterable[str],
+    host: str,
+    port: int,
+    token: str | None,
+    max_message_bytes: int,
+) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
+    """An aio server with the given servicers, health checking and reflection, bound to host:port."""
+    interceptors = [AuthInterceptor(token)] if token else []
+    server = grpc.aio.server(
+        interceptors=interceptors,
+        options=[
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max(max_message_bytes, 64 * 1024 * 1024)),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    for add in register:
+        add(server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = list(service_names)
+    reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot bind gRPC to {host}:{port}")
+    return server, bound, health_servicer
+
+
+async def set_serving(health_servicer: health.aio.HealthServicer, names: Iterable[str], ok: bool) -> None:
+    status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
+    await health_servicer.set("", status)
+    for name in names:
+        await health_servicer.set(name, status)

@@ -1,0 +1,169 @@
+"""HTTP bootstrap shared by the services: body limits, auth, metrics, one-line error bodies."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import ORJSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from services.common.auth import bearer_ok
+
+log = logging.getLogger(__name__)
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
+class ApiError(Exception):
+    """An error with an HTTP status and a one-line message, raised by core logic adapters."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def error_response(status: int, message: str) -> ORJSONResponse:
+    return ORJSONResponse({"error": message}, status_code=status)
+
+
+class GuardMiddleware:
+    """Pure ASGI: bearer auth (except health/metrics) and a hard cap on request body size."""
+
+    def __init__(self, app: ASGIApp, max_body: int, token: str | None) -> None:
+        self.app = app
+        self.max_body = max_body
+        self.token = token
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        if scope["path"] not in OPEN_PATHS and not bearer_ok(headers.get("authorization"), self.token):
+            resp = error_response(401, "missing or invalid bearer token")
+            resp.headers["WWW-Authenticate"] = "Bearer"
+            await resp(scope, receive, send)
+            return
+        declared = headers.get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_body):
+            await error_response(413, f"request body over the limit of {self.max_body} bytes")(
+                scope, receive, send
+            )
+            return
+        chunks: list[bytes] = []
+        size = 0
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body:
+                await error_response(413, f"request body over the limit of {self.max_body} bytes")(
+                    scope, receive, send
+                )
+                return
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        sent = False
+
+        async def replay() -> Message:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+def _one_line_validation(exc: RequestValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:5]:
+        loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+        parts.append(f"{loc or 'body'}: {err.get('msg', 'invalid')}")
+    return "; ".join(parts) or "invalid request"
+
+
+def install_common(
+    app: FastAPI,
+    registry: CollectorRegistry,
+    service: str,
+    max_body: int,
+    token: str | None,
+    ready: Callable[[], bool],
+) -> None:
+    """Health, readiness, metrics, error handlers, request metrics, guards."""
+    requests = Counter(
+        "http_requests_total", "HTTP requests", ["service", "route", "status"], registry=registry
+    )
+    latency = Histogram(
+        "http_request_seconds",
+        "HTTP request latency",
+        ["service", "route"],
+        registry=registry,
+        buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+    )
+
+    @app.middleware("http")
+    async def _metrics(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        t0 = time.perf_counter()
+        route = request.url.path if request.url.path in app.state.known_paths else "other"
+        try:
+            response = await call_next(request)
+        except Exception:  # never a traceback to the client
+            log.exception("unhandled error on %s", route)
+            response = error_response(500, "internal error")
+        latency.labels(service, route).observe(time.perf_counter() - t0)
+        requests.labels(service, route, str(response.status_code)).inc()
+        return response
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> ORJSONResponse:
+        return error_response(422, _one_line_validation(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> ORJSONResponse:
+        return error_response(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(ApiError)
+    async def _api(_: Request, exc: ApiError) -> ORJSONResponse:
+        return error_response(exc.status, exc.message)
+
+    @app.get("/healthz", tags=["ops"])
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["ops"])
+    async def readyz() -> ORJSONResponse:
+        if ready():
+            return ORJSONResponse({"status": "ready"})
+        return ORJSONResponse({"status": "not ready"}, status_code=503)
+
+    @app.get("/metrics", tags=["ops"])
+    async def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    app.add_middleware(GuardMiddleware, max_body=max_body, token=token)
+    app.state.known_paths = {route.path for route in app.routes}  # type: ignore[attr-defined]
+
+
+def refresh_known_paths(app: FastAPI) -> None:
+    app.state.known_paths = {route.path for route in app.routes}  # type: ignore[attr-defined]
+
+
+def parse_json_body(body: bytes) -> object:
+    """orjson parse with a one-line 400 for bad JSON or bytes that are not UTF-8."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise ApiError(400, f"invalid JSON: {exc}") from None

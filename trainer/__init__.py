@@ -1,0 +1,1 @@
+"""psgpo trainer: SFT, PPO (RLTF / PSGPO), prefix labelling, PRM training."""

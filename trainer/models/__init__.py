@@ -1,0 +1,1 @@
+"""Model builders (the tiny models used by tests and the demo)."""

@@ -1,0 +1,1 @@
+"""Task sets: the miniature benchmark, HumanEval, MBPP / LiveCodeBench loaders."""
