@@ -52,7 +52,9 @@ def models_tiny(
 
 @serve_app.command("prm")
 def serve_prm(
-    model: Annotated[Path | None, typer.Option(help="PRM dir (token classifier, num_labels=1) [PRM_MODEL]")] = None,
+    model: Annotated[
+        Path | None, typer.Option(help="PRM dir (token classifier, num_labels=1) [PRM_MODEL]")
+    ] = None,
     host: Annotated[str | None, typer.Option(help="bind address [PRM_HOST, 127.0.0.1]")] = None,
     http_port: Annotated[int | None, typer.Option(help="HTTP port [PRM_HTTP_PORT, 8001]")] = None,
     grpc_port: Annotated[int | None, typer.Option(help="gRPC port [PRM_GRPC_PORT, 50051]")] = None,
@@ -94,7 +96,11 @@ def serve_sandbox(
     from services.sandbox.server import serve
 
     extra = {"allow_insecure_public": True} if allow_insecure_public else {}
-    serve(SandboxSettings(**_given(host=host, http_port=http_port, grpc_port=grpc_port, workers=workers), **extra))
+    serve(
+        SandboxSettings(
+            **_given(host=host, http_port=http_port, grpc_port=grpc_port, workers=workers), **extra
+        )
+    )
 
 
 @bench_app.command("prm")

@@ -9,15 +9,25 @@ from collections.abc import Awaitable, Callable
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import ORJSONResponse, Response
+from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.common.auth import bearer_ok
+from services.common.errors import RequestError
 
 log = logging.getLogger(__name__)
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
+class JSONBytes(Response):
+    """JSON rendered by orjson (FastAPI's ORJSONResponse is deprecated); NaN/inf become null."""
+
+    media_type = "application/json"
+
+    def render(self, content: object) -> bytes:
+        return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
 class ApiError(Exception):
@@ -29,8 +39,8 @@ class ApiError(Exception):
         self.message = message
 
 
-def error_response(status: int, message: str) -> ORJSONResponse:
-    return ORJSONResponse({"error": message}, status_code=status)
+def error_response(status: int, message: str) -> JSONBytes:
+    return JSONBytes({"error": message}, status_code=status)
 
 
 class GuardMiddleware:
@@ -88,7 +98,12 @@ class GuardMiddleware:
 
 def _one_line_validation(exc: RequestValidationError) -> str:
     parts = []
-    for err in exc.errors()[:5]:
+    errors = exc.errors()
+    if len(errors) == 1 and tuple(errors[0].get("loc", ())) == ("body",):
+        return "request body must be a JSON object (send Content-Type: application/json)"
+    if errors and errors[0].get("type") == "json_invalid":
+        return f"invalid JSON: {errors[0].get('ctx', {}).get('error', 'decode error')}"
+    for err in errors[:5]:
         loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
         parts.append(f"{loc or 'body'}: {err.get('msg', 'invalid')}")
     return "; ".join(parts) or "invalid request"
@@ -128,37 +143,43 @@ def install_common(
         return response
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> ORJSONResponse:
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONBytes:
         return error_response(422, _one_line_validation(exc))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> ORJSONResponse:
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONBytes:
         return error_response(exc.status_code, str(exc.detail))
 
     @app.exception_handler(ApiError)
-    async def _api(_: Request, exc: ApiError) -> ORJSONResponse:
+    async def _api(_: Request, exc: ApiError) -> JSONBytes:
         return error_response(exc.status, exc.message)
+
+    @app.exception_handler(RequestError)
+    async def _request_error(_: Request, exc: RequestError) -> JSONBytes:
+        return error_response(exc.http_status, exc.message)
 
     @app.get("/healthz", tags=["ops"])
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
     @app.get("/readyz", tags=["ops"])
-    async def readyz() -> ORJSONResponse:
+    async def readyz() -> JSONBytes:
         if ready():
-            return ORJSONResponse({"status": "ready"})
-        return ORJSONResponse({"status": "not ready"}, status_code=503)
+            return JSONBytes({"status": "ready"})
+        return JSONBytes({"status": "not ready"}, status_code=503)
 
     @app.get("/metrics", tags=["ops"])
     async def metrics() -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     app.add_middleware(GuardMiddleware, max_body=max_body, token=token)
-    app.state.known_paths = {route.path for route in app.routes}  # type: ignore[attr-defined]
+    refresh_known_paths(app)
 
 
 def refresh_known_paths(app: FastAPI) -> None:
-    app.state.known_paths = {route.path for route in app.routes}  # type: ignore[attr-defined]
+    """Paths used as metric labels (anything else is counted as "other": bounded label cardinality)."""
+    paths = {getattr(route, "path", None) for route in app.routes}
+    app.state.known_paths = {p for p in paths if p}
 
 
 def parse_json_body(body: bytes) -> object:

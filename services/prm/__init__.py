@@ -1,0 +1,1 @@
+"""PRM inference service. Import `services.prm.client` to talk to it (no torch import)."""
