@@ -1,7 +1,7 @@
 """Regenerate (or check) the Python code generated from protos/psgpo/v1/*.proto.
 
-    python protos/generate.py          # rewrite *_pb2.py, *_pb2.pyi, *_pb2_grpc.py beside the protos
-    python protos/generate.py --check  # exit 1 if the committed code differs from a fresh generation
+python protos/generate.py          # rewrite *_pb2.py, *_pb2.pyi, *_pb2_grpc.py beside the protos
+python protos/generate.py --check  # exit 1 if the committed code differs from a fresh generation
 """
 
 from __future__ import annotations
