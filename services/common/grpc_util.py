@@ -45,6 +45,60 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         return self._deny_unary
 
 
+class _Undecodable:
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+class DecodeGuardInterceptor(grpc.aio.ServerInterceptor):
+    """Bytes that do not parse as the request message get INVALID_ARGUMENT (grpc.aio would answer
+    UNKNOWN and log a traceback)."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None or handler.request_streaming or handler.request_deserializer is None:
+            return handler
+        decode = handler.request_deserializer
+
+        def safe_decode(data: bytes) -> Any:
+            try:
+                return decode(data)
+            except Exception as exc:  # DecodeError and friends
+                return _Undecodable(exc)
+
+        def guard(behavior: Callable[..., Any]) -> Callable[..., Any]:
+            if handler.response_streaming:
+
+                async def guarded_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                    if isinstance(request, _Undecodable):
+                        await context.abort(
+                            grpc.StatusCode.INVALID_ARGUMENT, f"undecodable request: {request.error}"
+                        )
+                    async for item in behavior(request, context):
+                        yield item
+
+                return guarded_stream
+
+            async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                if isinstance(request, _Undecodable):
+                    await context.abort(
+                        grpc.StatusCode.INVALID_ARGUMENT, f"undecodable request: {request.error}"
+                    )
+                return await behavior(request, context)
+
+            return guarded
+
+        if handler.response_streaming:
+            return handler._replace(
+                request_deserializer=safe_decode, unary_stream=guard(handler.unary_stream)
+            )
+        return handler._replace(request_deserializer=safe_decode, unary_unary=guard(handler.unary_unary))
+
+
 def build_server(
     register: Iterable[Callable[[grpc.aio.Server], None]],
     service_names: Iterable[str],
@@ -54,7 +108,8 @@ def build_server(
     max_message_bytes: int,
 ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
     """An aio server with the given servicers, health checking and reflection, bound to host:port."""
-    interceptors = [AuthInterceptor(token)] if token else []
+    interceptors: list[grpc.aio.ServerInterceptor] = [AuthInterceptor(token)] if token else []
+    interceptors.append(DecodeGuardInterceptor())
     server = grpc.aio.server(
         interceptors=interceptors,
         options=[
