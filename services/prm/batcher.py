@@ -51,6 +51,7 @@ class DynamicBatcher(Generic[In, Out]):
         max_wait_s: float = 0.0,
         max_queue_items: int = 4096,
         stats: BatchStats | None = None,
+        executor: ThreadPoolExecutor | None = None,
     ) -> None:
         self._run_batch = run_batch
         self.max_batch_tokens = max_batch_tokens
@@ -59,7 +60,8 @@ class DynamicBatcher(Generic[In, Out]):
         self.stats = stats or BatchStats()
         self._pool: list[_Job[In, Out]] = []
         self._wakeup = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prm-forward")
+        self._own_executor = executor is None
+        self._executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch-runner")
         self._task: asyncio.Task[None] | None = None
         self._closing = False
 
@@ -79,7 +81,8 @@ class DynamicBatcher(Generic[In, Out]):
             if not job.future.done():
                 job.future.set_exception(Unavailable("server is shutting down"))
         self._pool.clear()
-        self._executor.shutdown(wait=True)
+        if self._own_executor:
+            self._executor.shutdown(wait=True)
 
     async def submit(self, items: Sequence[In]) -> list[Out]:
         """Queue all items of one request; results come back in order. Raises Overloaded when full."""

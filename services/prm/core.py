@@ -19,6 +19,7 @@ from services.prm.config import PrmSettings
 from services.prm.scorer import Prepared, PrmScorer, Scored, aggregate
 
 AGGREGATES = ("min", "mean", "last")
+INLINE_PREPARE_CHARS = 16_384  # tokenize on the event loop below this (~0.5 ms), on a thread above
 
 
 @dataclass(slots=True)
@@ -86,6 +87,7 @@ class PrmCore:
             max_wait_s=settings.max_wait_ms / 1000.0,
             max_queue_items=settings.max_queue_items,
             stats=BatchStats(on_batch=self.metrics.batch, on_depth=self.metrics.queue_depth.set),
+            executor=scorer.thread,
         )
         self._prep = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prm-tokenize")
         self.ready = False
@@ -114,7 +116,10 @@ class PrmCore:
     async def _run(self, items: list[tuple[str, str]]) -> tuple[list[Prepared], list[Scored]]:
         loop = asyncio.get_running_loop()
         try:
-            prepared = await loop.run_in_executor(self._prep, self.scorer.prepare, items)
+            if sum(len(p) + len(r) for p, r in items) <= INLINE_PREPARE_CHARS:
+                prepared = self.scorer.prepare(items)  # small: a thread hop would cost more than it saves
+            else:
+                prepared = await loop.run_in_executor(self._prep, self.scorer.prepare, items)
         except TooLarge:
             self.metrics.rejected.labels("too_long").inc()
             raise
