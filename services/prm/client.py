@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 import grpc
 import httpx
+
 from psgpo.v1 import prm_pb2, prm_pb2_grpc
 
 T = TypeVar("T")

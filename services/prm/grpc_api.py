@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import grpc
-from psgpo.v1 import prm_pb2, prm_pb2_grpc
 
+from psgpo.v1 import prm_pb2, prm_pb2_grpc
 from services.common.errors import RequestError
 from services.prm.core import PrmCore
 

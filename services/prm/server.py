@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import grpc
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
-from psgpo.v1 import prm_pb2, prm_pb2_grpc
 
+from psgpo.v1 import prm_pb2, prm_pb2_grpc
 from services.common.grpc_util import build_server, set_serving
 from services.common.logs import setup_logging
 from services.common.runner import serve_blocking

@@ -21,7 +21,9 @@ JSON = {"Content-Type": "application/json"}
 @pytest.fixture(scope="module")
 def small_server(tiny_models: Path) -> Iterator[Running]:
     """Tight limits so the limit paths are cheap to hit."""
-    running = start_prm(tiny_models / "prm", max_items_per_request=8, max_request_bytes=64 * 1024, max_length=128)
+    running = start_prm(
+        tiny_models / "prm", max_items_per_request=8, max_request_bytes=64 * 1024, max_length=128
+    )
     yield running
     running.stop()
 
@@ -122,7 +124,9 @@ def test_overload_sheds_with_429(tiny_models: Path):
         import concurrent.futures
 
         def one(_: int) -> int:
-            return httpx.post(url, json={"items": [{"prompt": "", "response": "x = 1\n" * 60}] * 2}).status_code
+            return httpx.post(
+                url, json={"items": [{"prompt": "", "response": "x = 1\n" * 60}] * 2}
+            ).status_code
 
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
             codes = list(pool.map(one, range(24)))

@@ -61,7 +61,8 @@ def test_aggregates(http_url: str):
     out = {}
     for how in ("min", "mean", "last"):
         resp = httpx.post(
-            f"{http_url}/v1/score", json={"items": [{"prompt": PROMPT, "response": RESPONSE}], "aggregate": how}
+            f"{http_url}/v1/score",
+            json={"items": [{"prompt": PROMPT, "response": RESPONSE}], "aggregate": how},
         )
         out[how] = resp.json()["results"][0]
     scores = [x["score"] for x in out["min"]["lines"] if x["score"] is not None]
@@ -81,8 +82,9 @@ def test_http_and_grpc_agree(http_url: str, grpc_target: str):
     items = [(PROMPT, RESPONSE), ("", "x = 1\ny = 2"), ("def f():\n", "    pass")]
     with PrmHttpClient(http_url) as h, PrmGrpcClient(grpc_target) as g:
         a, b = h.score(items, "mean"), g.score(items, "mean")
-        ra, rb = h.get_reward([p + r for p, r in items], [p for p, _ in items]), g.get_reward(
-            [p + r for p, r in items], [p for p, _ in items]
+        ra, rb = (
+            h.get_reward([p + r for p, r in items], [p for p, _ in items]),
+            g.get_reward([p + r for p, r in items], [p for p, _ in items]),
         )
     for x, y in zip(a, b, strict=True):
         assert x.num_tokens == y.num_tokens
@@ -149,6 +151,8 @@ def test_grpc_reflection_lists_the_service(grpc_target: str):
 
     with grpc.insecure_channel(grpc_target) as channel:
         stub = reflection_pb2_grpc.ServerReflectionStub(channel)
-        responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+        responses = stub.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+        )
         names = {s.name for r in responses for s in r.list_services_response.service}
     assert "psgpo.v1.PrmService" in names

@@ -5,7 +5,13 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.common.lines import encode_responses, is_neutral, scored_lines, split_lines, token_index_for_lines
+from services.common.lines import (
+    encode_responses,
+    is_neutral,
+    scored_lines,
+    split_lines,
+    token_index_for_lines,
+)
 
 CODE_CHARS = st.sampled_from(list("abcxyz_ =+-*/()[]:#'\"0123456789\t\\") + [" ", "\n", "\n", "é", "→", "\r"])
 RESPONSES = st.text(CODE_CHARS, max_size=120)
