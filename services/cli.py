@@ -103,6 +103,37 @@ def serve_sandbox(
     )
 
 
+@serve_app.command("rollout")
+def serve_rollout(
+    policy: Annotated[Path | None, typer.Option(help="policy dir (causal LM) [ROLLOUT_POLICY]")] = None,
+    redis: Annotated[str | None, typer.Option(help="redis:// or rediss:// URL [ROLLOUT_REDIS_URL]")] = None,
+    prm: Annotated[str | None, typer.Option(help="PRM gRPC HOST:PORT [ROLLOUT_PRM]; unset: no PRM")] = None,
+    sandbox: Annotated[str | None, typer.Option(help="sandbox gRPC HOST:PORT [ROLLOUT_SANDBOX]")] = None,
+    run: Annotated[str | None, typer.Option(help="run name: keys psgpo:{run}:... [ROLLOUT_RUN]")] = None,
+    backend: Annotated[str | None, typer.Option(help="hf (vllm: issue 9) [ROLLOUT_BACKEND]")] = None,
+    consumer: Annotated[str | None, typer.Option(help="consumer name in group rollout")] = None,
+    metrics_port: Annotated[int | None, typer.Option(help="Prometheus port (0: off)")] = None,
+) -> None:
+    """A rollout worker: tasks from Redis -> n samples -> sandbox + PRM -> trajectories to Redis."""
+    from services.rollout.config import RolloutSettings
+    from services.rollout.server import serve
+
+    serve(
+        RolloutSettings(
+            **_given(
+                policy=policy,
+                redis_url=redis,
+                prm=prm,
+                sandbox=sandbox,
+                run=run,
+                backend=backend,
+                consumer=consumer,
+                metrics_port=metrics_port,
+            )
+        )
+    )
+
+
 @bench_app.command("prm")
 def bench_prm(
     out: Annotated[Path, typer.Option(help="dir for bench_prm.json")] = Path("runs/bench"),

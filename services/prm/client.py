@@ -138,6 +138,7 @@ class PrmHttpClient:
     ) -> None:
         self._http = httpx.Client(base_url=base_url, headers=_auth(token), timeout=timeout)
         self.retries = retries
+        self.model = ""  # the served model's name, set by each score call
 
     def _post(self, path: str, payload: dict[str, Any]) -> dict[str, Any]:
         def call() -> dict[str, Any]:
@@ -152,7 +153,9 @@ class PrmHttpClient:
         return _retry(call, self.retries)
 
     def score(self, items: Sequence[tuple[str, str]], aggregate: str = "min") -> list[ItemScore]:
-        return _from_json(self._post("/v1/score", {"items": _items_json(items), "aggregate": aggregate}))
+        body = self._post("/v1/score", {"items": _items_json(items), "aggregate": aggregate})
+        self.model = body["model"]
+        return _from_json(body)
 
     def get_reward(self, queries: Sequence[str], prompts: Sequence[str]) -> list[float]:
         return self._post("/get_reward", {"query": list(queries), "prompts": list(prompts)})["rewards"]
@@ -185,6 +188,7 @@ class AsyncPrmHttpClient:
     ) -> None:
         self._http = httpx.AsyncClient(base_url=base_url, headers=_auth(token), timeout=timeout)
         self.retries = retries
+        self.model = ""
 
     async def _post(self, path: str, payload: dict[str, Any]) -> dict[str, Any]:
         async def call() -> dict[str, Any]:
@@ -229,6 +233,7 @@ class PrmGrpcClient:
         self._metadata = [("authorization", f"Bearer {token}")] if token else None
         self.timeout = timeout
         self.retries = retries
+        self.model = ""
 
     def _call(self, method: Callable[..., T], request: Any) -> T:
         def call() -> T:
@@ -240,7 +245,9 @@ class PrmGrpcClient:
         return _retry(call, self.retries)
 
     def score(self, items: Sequence[tuple[str, str]], aggregate: str = "min") -> list[ItemScore]:
-        return _from_pb(self._call(self._stub.Score, _request_pb(items, aggregate)))
+        resp = self._call(self._stub.Score, _request_pb(items, aggregate))
+        self.model = resp.model
+        return _from_pb(resp)
 
     def get_reward(self, queries: Sequence[str], prompts: Sequence[str]) -> list[float]:
         resp = self._call(self._stub.GetReward, prm_pb2.RewardRequest(query=queries, prompts=prompts))
@@ -265,6 +272,7 @@ class AsyncPrmGrpcClient:
         self._metadata = [("authorization", f"Bearer {token}")] if token else None
         self.timeout = timeout
         self.retries = retries
+        self.model = ""
 
     async def _call(self, method: Callable[..., Any], request: Any) -> Any:
         async def call() -> Any:
@@ -276,7 +284,9 @@ class AsyncPrmGrpcClient:
         return await _aretry(call, self.retries)
 
     async def score(self, items: Sequence[tuple[str, str]], aggregate: str = "min") -> list[ItemScore]:
-        return _from_pb(await self._call(self._stub.Score, _request_pb(items, aggregate)))
+        resp = await self._call(self._stub.Score, _request_pb(items, aggregate))
+        self.model = resp.model
+        return _from_pb(resp)
 
     async def get_reward(self, queries: Sequence[str], prompts: Sequence[str]) -> list[float]:
         resp = await self._call(self._stub.GetReward, prm_pb2.RewardRequest(query=queries, prompts=prompts))
