@@ -158,6 +158,18 @@ def bench_sandbox(
     run_bench(out=out, workers=workers, quick=quick)
 
 
+@bench_app.command("pipeline")
+def bench_pipeline(
+    out: Annotated[Path, typer.Option(help="dir for bench_pipeline.json")] = Path("runs/bench"),
+    models: Annotated[Path | None, typer.Option(help="dir with policy/ and prm/ (default: build)")] = None,
+    quick: Annotated[bool, typer.Option(help="short run (smoke check)")] = False,
+) -> None:
+    """Rollouts/s through Redis + gRPC services vs the same work in one process."""
+    from services.rollout.bench import run_bench
+
+    run_bench(out=out, models=models, quick=quick)
+
+
 @app.command("demo")
 def demo(
     out: Annotated[Path, typer.Option(help="output dir")] = Path("runs/demo"),

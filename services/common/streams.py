@@ -162,6 +162,19 @@ class StreamProducer:
         )
         return _text(entry_id)
 
+    def add_many(self, messages: Sequence[Message]) -> list[str]:
+        """XADD all messages in one transaction (one round trip, all or none); returns the entry ids."""
+        pipe = self._r.pipeline(transaction=True)
+        for message in messages:
+            _stamp_schema(message)
+            pipe.xadd(
+                self.stream,
+                {PB: message.SerializeToString()},
+                maxlen=self.maxlen,
+                approximate=self.approximate,
+            )
+        return [_text(entry_id) for entry_id in pipe.execute()]
+
     def add_once(self, message: Message, dedup_key: str, dedup_id: str) -> str | None:
         """Adds the message unless `dedup_id` is already in the set `dedup_key`; records it in the
         same atomic step. Returns the entry id, or None for a duplicate. Safe to retry."""
@@ -489,6 +502,14 @@ def enqueue_task(r: redis.Redis, run: str, task: Task) -> str:
     if not task.task_id:
         raise ValueError("a task needs a task_id")
     return StreamProducer(r, keys.run_keys(run).tasks).add(task)
+
+
+def enqueue_tasks(r: redis.Redis, run: str, tasks: Sequence[Task]) -> list[str]:
+    """Adds many tasks to `psgpo:{run}:tasks` in one transaction; returns the entry ids."""
+    for task in tasks:
+        if not task.task_id:
+            raise ValueError("a task needs a task_id")
+    return StreamProducer(r, keys.run_keys(run).tasks).add_many(tasks)
 
 
 def add_trajectory(

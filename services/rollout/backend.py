@@ -163,9 +163,18 @@ class GenerationBackend(Protocol):
         """Longest prompt + response in tokens."""
         ...
 
-    def generate(self, prompts: Sequence[str], n: int, params: SamplingConfig) -> list[list[Sample]]:
+    def generate(
+        self,
+        prompts: Sequence[str],
+        n: int,
+        params: SamplingConfig,
+        seeds: Sequence[int | None] | None = None,
+    ) -> list[list[Sample]]:
         """n samples for each prompt: result[i][j] is sample j of prompts[i]. Raises ValueError for
-        bad input (empty prompt, prompt + max_new_tokens over `max_model_len`, n < 1)."""
+        bad input (empty prompt, prompt + max_new_tokens over `max_model_len`, n < 1). `seeds`, one
+        per prompt, overrides `params.seed`: then sample j of prompt i depends on (seeds[i], j, prompt,
+        weights) only, so tasks with different seeds batch together and a redelivered task samples
+        the same responses."""
         ...
 
     def prompt_problems(self, prompts: Sequence[str], max_new_tokens: int) -> list[str | None]:

@@ -229,8 +229,14 @@ class HfBackend:
 
     # -- generation ----------------------------------------------------------------------------
 
-    def generate(self, prompts: Sequence[str], n: int, params: SamplingConfig) -> list[list[Sample]]:
-        return self.run_on_model_thread(self._generate, prompts, n, params)
+    def generate(
+        self,
+        prompts: Sequence[str],
+        n: int,
+        params: SamplingConfig,
+        seeds: Sequence[int | None] | None = None,
+    ) -> list[list[Sample]]:
+        return self.run_on_model_thread(self._generate, prompts, n, params, seeds)
 
     def prompt_problems(self, prompts: Sequence[str], max_new_tokens: int) -> list[str | None]:
         """Per prompt, None or why `generate` would refuse it (tokenizes; any thread)."""
@@ -254,8 +260,16 @@ class HfBackend:
             out.append((ids, problem))
         return out
 
-    def _generate(self, prompts: Sequence[str], n: int, params: SamplingConfig) -> list[list[Sample]]:
+    def _generate(
+        self,
+        prompts: Sequence[str],
+        n: int,
+        params: SamplingConfig,
+        seeds: Sequence[int | None] | None = None,
+    ) -> list[list[Sample]]:
         check_generate_args(prompts, n, params)
+        if seeds is not None and len(seeds) != len(prompts):
+            raise ValueError(f"seeds has {len(seeds)} entries for {len(prompts)} prompts")
         if not prompts:
             return []
         prompt_ids: list[list[int]] = []
@@ -269,11 +283,19 @@ class HfBackend:
         results: list[list[Sample | None]] = [[None] * n for _ in prompt_ids]
         for start in range(0, len(jobs), self.max_batch_sequences):
             chunk = jobs[start : start + self.max_batch_sequences]
-            seeds = [sequence_seed(base_seed, i, j) for i, j in chunk]
-            samples = self._generate_chunk([prompt_ids[i] for i, _ in chunk], seeds, params)
+            chunk_seeds = [self._sequence_seed(base_seed, seeds, i, j) for i, j in chunk]
+            samples = self._generate_chunk([prompt_ids[i] for i, _ in chunk], chunk_seeds, params)
             for (i, j), sample in zip(chunk, samples, strict=True):
                 results[i][j] = sample
         return [[s for s in row if s is not None] for row in results]
+
+    @staticmethod
+    def _sequence_seed(base_seed: int, seeds: Sequence[int | None] | None, i: int, j: int) -> int:
+        """Per-prompt seeds make a prompt's samples independent of its position in the call."""
+        if seeds is None:
+            return sequence_seed(base_seed, i, j)
+        seed = seeds[i]
+        return sequence_seed(seed if seed is not None else secrets.randbits(63), 0, j)
 
     def _generate_chunk(
         self, prompts: list[list[int]], seeds: list[int], params: SamplingConfig

@@ -31,4 +31,9 @@ class RolloutSettings(BaseSettings):
     weights_cache: Path = Field(Path("runs/rollout-weights"), description="where fetched weights land")
     metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus /metrics port (0: off)")
     max_batch_sequences: int = Field(64, gt=0, description="sequences per generation batch")
+    pipeline: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="generate batch k+1 while batch k is scored; auto: on when generating on a GPU "
+        "(on a small CPU the overlap oversubscribes the cores and is slower)",
+    )
     log_level: str = "INFO"

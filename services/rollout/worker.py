@@ -14,7 +14,7 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import redis
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -96,11 +96,17 @@ class RolloutWorker:
         self.metrics = RolloutMetrics(registry or CollectorRegistry())
         self.metrics.policy_version.set(backend.version)
         self.tasks_done = 0
+        self._inflight: asyncio.Task[None] | None = None
+        on_gpu = str(getattr(backend, "device", "cpu")).startswith("cuda")
+        self.pipelined = settings.pipeline == "on" or (settings.pipeline == "auto" and on_gpu)
 
     # -- the loop ------------------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event, max_tasks: int | None = None) -> int:
-        """Serve until `stop` is set (or `max_tasks` tasks are done); returns tasks done."""
+        """Serve until `stop` is set (or `max_tasks` tasks are done); returns tasks done.
+
+        Pipelined: while batch k is scored by the sandbox and the PRM (other processes), batch k+1
+        is generated; at most one batch is being scored at a time."""
         outage = 0
         while not stop.is_set() and (max_tasks is None or self.tasks_done < max_tasks):
             try:
@@ -113,16 +119,42 @@ class RolloutWorker:
                 delay = min(5.0, 0.2 * 2**outage)
                 log.warning("Redis unavailable (%s); retrying in %.1fs", exc, delay)
                 await asyncio.sleep(delay)
+        await self._settle()
         return self.tasks_done
+
+    async def _settle(self) -> None:
+        """Wait for the batch being scored (its errors surface here)."""
+        inflight, self._inflight = self._inflight, None
+        if inflight is not None:
+            await inflight
 
     async def turn(self) -> None:
         await self.maybe_swap_weights()
         if not await self.has_capacity():
+            await self._settle()
             await asyncio.sleep(0.5)
             return
-        deliveries = await asyncio.to_thread(self.tasks.read, self.settings.tasks_per_batch, 1000)
-        if deliveries:
-            await self.process(deliveries)
+        if not self.pipelined:
+            deliveries = await asyncio.to_thread(self.tasks.read, self.settings.tasks_per_batch, 1000)
+            if deliveries:
+                await self.process(deliveries)
+            return
+        busy = self._inflight is not None and not self._inflight.done()
+        deliveries = await asyncio.to_thread(
+            self.tasks.read, self.settings.tasks_per_batch, 20 if busy else 1000
+        )
+        if not deliveries:
+            if self._inflight is not None and self._inflight.done():
+                await self._settle()
+            return
+        ready, scoring = await self.generate(deliveries)
+        await self._settle()
+        self._inflight = asyncio.create_task(self.finish(ready, scoring))
+
+    async def process(self, deliveries: list[Delivery[rollout_pb2.Task]]) -> None:
+        """Generate, score, write, then acknowledge one batch of tasks (not pipelined)."""
+        ready, scoring = await self.generate(deliveries)
+        await self.finish(ready, scoring)
 
     async def maybe_swap_weights(self) -> None:
         """Hot-swap between generation batches; a bad blob is refused and the old weights stay."""
@@ -153,8 +185,8 @@ class RolloutWorker:
         self.metrics.backlog.set(pending.unconsumed)
         return pending.unconsumed < self.settings.max_backlog
 
-    async def process(self, deliveries: list[Delivery[rollout_pb2.Task]]) -> None:
-        """Generate, score, write, then acknowledge one batch of tasks."""
+    async def generate(self, deliveries: list[Delivery[rollout_pb2.Task]]) -> tuple[list, list]:
+        """Samples for every valid task: (tasks already settled with a failure record, scoring jobs)."""
         out: list[tuple[Delivery[rollout_pb2.Task], list[rollout_pb2.Trajectory]]] = []
         groups: dict[tuple, list[_Job]] = defaultdict(list)
         for d in deliveries:
@@ -170,7 +202,8 @@ class RolloutWorker:
                 self.metrics.tasks.labels("refused").inc()
                 out.append((d, [failure_trajectory(d.message, problem)]))
                 continue
-            groups[(repr(params), d.message.n)].append(_Job(d, params))
+            # tasks that differ only in their seed batch together (the backend seeds per prompt)
+            groups[(repr(replace(params, seed=None)), d.message.n)].append(_Job(d, params))
         scoring = []
         for (_, n), group in groups.items():
             problems = self.backend.prompt_problems(
@@ -188,7 +221,8 @@ class RolloutWorker:
             prompts = [job.delivery.message.prompt for job in jobs]
             t0 = time.perf_counter()
             try:
-                samples = await asyncio.to_thread(self.backend.generate, prompts, n, jobs[0].params)
+                seeds = [job.params.seed for job in jobs]
+                samples = await asyncio.to_thread(self.backend.generate, prompts, n, jobs[0].params, seeds)
             except ValueError as exc:  # e.g. a prompt over the model's limit: a task problem, not a crash
                 for job in jobs:
                     out.append(
@@ -217,6 +251,10 @@ class RolloutWorker:
                         ),
                     )
                 )
+        return out, scoring
+
+    async def finish(self, out: list, scoring: list) -> None:
+        """Score concurrently, write every trajectory, then acknowledge the tasks."""
         scored = await asyncio.gather(*(coro for _, coro in scoring))
         out.extend((d, trajs) for (d, _), trajs in zip(scoring, scored, strict=True))
         await asyncio.to_thread(self._write_and_ack, out)

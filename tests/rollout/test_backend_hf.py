@@ -147,6 +147,21 @@ def test_seed_reproducible_and_independent_of_batching(backend: HfBackend):
     assert [s.response_token_ids for s in alone[0]] == ids[0]
 
 
+def test_per_prompt_seeds_batch_together_and_ignore_position(backend: HfBackend):
+    """Tasks with different seeds share one call; a prompt's samples depend on its own seed only."""
+    two = PROMPTS[:2]
+    together = backend.generate(two, 2, SAMPLED, seeds=[11, 22])
+    swapped = backend.generate(two[::-1], 2, SAMPLED, seeds=[22, 11])
+    alone = backend.generate(PROMPTS[1:2], 2, SAMPLED, seeds=[22])
+    ids = [[s.response_token_ids for s in row] for row in together]
+    assert ids[1] == [s.response_token_ids for s in alone[0]]
+    assert ids[::-1] == [[s.response_token_ids for s in row] for row in swapped]
+    other = backend.generate(PROMPTS[1:2], 2, SAMPLED, seeds=[23])
+    assert [s.response_token_ids for s in other[0]] != ids[1]
+    with pytest.raises(ValueError, match="seeds"):
+        backend.generate(two, 2, SAMPLED, seeds=[1])
+
+
 def test_stop_strings_cut_text_and_end_sample(backend: HfBackend):
     ref = backend.generate(PROMPTS, 1, GREEDY)
     decode = backend.decode
