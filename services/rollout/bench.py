@@ -97,7 +97,8 @@ async def _local_batches(backend, sandbox, prm, tasks, per_batch: int) -> int:
         params = SamplingConfig.from_proto(batch[0].sampling)
         t0 = time.perf_counter()
         seeds = [t.sampling.seed or None for t in batch]
-        samples = await asyncio.to_thread(backend.generate, [t.prompt for t in batch], batch[0].n, params, seeds)
+        prompts = [t.prompt for t in batch]
+        samples = await asyncio.to_thread(backend.generate, prompts, batch[0].n, params, seeds)
         ms = 1000 * (time.perf_counter() - t0)
         scored = await asyncio.gather(
             *(
