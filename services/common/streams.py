@@ -278,6 +278,11 @@ class StreamConsumer(Generic[M]):
             return []
         return self._accept(entries)
 
+    def rewind(self) -> None:
+        """Re-deliver this consumer's own unacknowledged entries on the next reads (call it after a
+        failure dropped work in flight, e.g. a Redis outage between generating and writing)."""
+        self._history_from = "0"
+
     def ack(self, *deliveries: Delivery[M]) -> int:
         """Acknowledges entries whose work is durable; returns how many were pending."""
         if not deliveries:

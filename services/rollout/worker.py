@@ -116,6 +116,8 @@ class RolloutWorker:
                 # Redis down or restarting: unacknowledged tasks stay pending and come back to us.
                 outage += 1
                 self.metrics.redis_errors.inc()
+                self._inflight = None  # its tasks were not acknowledged: they come back via rewind
+                self.tasks.rewind()
                 delay = min(5.0, 0.2 * 2**outage)
                 log.warning("Redis unavailable (%s); retrying in %.1fs", exc, delay)
                 await asyncio.sleep(delay)

@@ -245,3 +245,47 @@ def _all_done(r: redis.Redis, expected: int) -> bool:
     """Every trajectory written and no task left pending in group `rollout`."""
     k = keys.run_keys(RUN)
     return r.scard(k.trajectories_written) >= expected and r.xpending(k.tasks, "rollout")["pending"] == 0
+
+
+def test_redis_restart_mid_run_loses_nothing(services, backend, tmp_path):
+    """Redis stopped and restarted (AOF on, same port) while a worker runs: the worker backs off,
+    resumes, and every task yields its trajectories exactly once."""
+    from services.common.redis_local import start_redis
+    from services.common.streams import connect
+
+    data = tmp_path / "redis-data"
+    server = start_redis(data_dir=data, appendonly=True, appendfsync="always")
+    port = server.port
+    r = connect(server.url)
+    n_tasks = 6
+    for i in range(n_tasks):
+        enqueue_task(r, RUN, task(f"rr{i}", n=2))
+    cfg = settings(server.url, services, tmp_path, tasks_per_batch=1)
+    k = keys.run_keys(RUN)
+
+    async def go() -> int:
+        nonlocal server
+        stop = asyncio.Event()
+        worker = asyncio.create_task(run_worker(cfg, backend, connect(server.url), stop))
+        end = time.monotonic() + 60
+        while time.monotonic() < end and r.xlen(k.trajectories) < 2:
+            await asyncio.sleep(0.02)
+        await asyncio.to_thread(server.stop)  # Redis goes away mid-run ...
+        await asyncio.sleep(1.0)
+        server = await asyncio.to_thread(
+            start_redis, port=port, data_dir=data, appendonly=True
+        )  # ... comes back
+        end = time.monotonic() + 90
+        while time.monotonic() < end and not _all_done(r, 2 * n_tasks):
+            await asyncio.sleep(0.2)
+        stop.set()
+        return await worker
+
+    try:
+        asyncio.run(go())
+        trajs = drain(r, 2 * n_tasks)
+    finally:
+        server.stop()
+    counts = Counter(t.trajectory_id for t in trajs)
+    assert set(counts) == {f"rr{i}:{j}" for i in range(n_tasks) for j in range(2)}
+    assert max(counts.values()) == 1
