@@ -25,7 +25,7 @@ test: setup
 
 lint: setup
 	$(BIN)/ruff check .
-	$(BIN)/ruff format --check .
+	$(BIN)/ruff format --check services trainer tests examples protos/generate.py
 
 demo: setup
 	$(BIN)/psgpo demo --out $(OUT)
