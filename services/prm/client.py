@@ -221,7 +221,8 @@ class AsyncPrmHttpClient:
         await self.aclose()
 
 
-GRPC_OPTIONS = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+# round_robin: behind a headless Service (several PRM pods), spread calls over every address.
+GRPC_OPTIONS = [("grpc.max_receive_message_length", 64 * 1024 * 1024), ("grpc.lb_policy_name", "round_robin")]
 
 
 class PrmGrpcClient:

@@ -20,6 +20,24 @@ class RolloutSettings(BaseSettings):
     sandbox: str = Field("127.0.0.1:50052", description="sandbox gRPC target host:port")
     prm_token: SecretStr | None = Field(None, description="bearer token for the PRM service")
     sandbox_token: SecretStr | None = Field(None, description="bearer token for the sandbox service")
+    prm_token_file: Path | None = Field(None, description="file holding the PRM bearer token")
+    sandbox_token_file: Path | None = Field(None, description="file holding the sandbox bearer token")
+
+    def tokens(self) -> tuple[str | None, str | None]:
+        """(PRM token, sandbox token), each from its value or its file (stripped)."""
+
+        def one(value: SecretStr | None, path: Path | None) -> str | None:
+            if value is not None and value.get_secret_value():
+                return value.get_secret_value()
+            if path is not None:
+                text = path.read_text().strip()
+                if not text:
+                    raise ValueError(f"token file {path} is empty")
+                return text
+            return None
+
+        return one(self.prm_token, self.prm_token_file), one(self.sandbox_token, self.sandbox_token_file)
+
     consumer: str | None = Field(None, description="consumer name in group `rollout` (default host-pid)")
     tasks_per_batch: int = Field(8, gt=0, description="tasks read and generated together")
     max_backlog: int = Field(1024, gt=0, description="pause while this many trajectories are unconsumed")

@@ -36,6 +36,10 @@ class SandboxGrpcPort:
 
 
 def check_settings(settings: RolloutSettings) -> None:
+    try:
+        settings.tokens()
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read a token: {exc}") from None
     if settings.policy is None:
         raise UserError("no policy given: pass --policy DIR or set ROLLOUT_POLICY")
     if not (settings.policy / "config.json").is_file():
@@ -74,9 +78,8 @@ async def run_worker(
     """Run one worker until `stop` (or `max_tasks`); clients live in this event loop."""
     from services.prm.client import AsyncPrmGrpcClient
 
-    token = settings.prm_token.get_secret_value() if settings.prm_token else None
+    token, sandbox_token = settings.tokens()
     prm = AsyncPrmGrpcClient(settings.prm, token=token, retries=1) if settings.prm else None
-    sandbox_token = settings.sandbox_token.get_secret_value() if settings.sandbox_token else None
     sandbox = SandboxGrpcPort(settings.sandbox, sandbox_token, settings.scoring_timeout_s)
     worker = RolloutWorker(settings, backend, sandbox, prm, r, registry)
     try:
