@@ -25,6 +25,17 @@ app.add_typer(serve_app, name="serve")
 app.add_typer(bench_app, name="bench")
 
 
+def _add_trainer_commands() -> None:
+    """`psgpo train ppo|sft` and `psgpo plot` (trainer/cli_train.py imports its heavy parts lazily)."""
+    from trainer.cli_train import plot, train_app
+
+    app.add_typer(train_app, name="train")
+    app.command("plot")(plot)
+
+
+_add_trainer_commands()
+
+
 def _given(**kwargs: Any) -> dict[str, Any]:
     """CLI flags that were set; unset ones fall through to env vars and defaults in the settings."""
     return {k: v for k, v in kwargs.items() if v is not None}
