@@ -6,16 +6,19 @@
 3. sends a handful of programs (correct, buggy, hostile) straight to the sandbox and the PRM and
    prints what each says: the verdict from the unit tests, a score for every line;
 4. enqueues tasks on the Redis stream and reads back the scored trajectories the rollout worker
-   wrote (samples of the tiny policy, their verdicts and per-line PRM scores).
+   wrote (samples of the tiny policy, their verdicts and per-line PRM scores);
+5. runs a few PPO steps with each reward (RLTF: unit tests only; PSGPO: plus dense PRM line rewards
+   and a PRM-initialised critic) through a rollout worker, publishing weights the worker hot-swaps.
 
-Writes OUT/results.json with the time each stage took. The RL stages (SFT, PPO with RLTF vs PSGPO,
-labelling, PRM training) join as their issues land.
+Writes OUT/results.json with the time each stage took. The miniature benchmark, SFT, labelling and
+PRM training that make the RLTF vs PSGPO comparison meaningful join as their issues land.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -225,6 +228,119 @@ def _rollouts(
     return rows
 
 
+def _ppo(
+    models: Path, out: Path, redis_url: str, prm: ServiceProcess, sandbox: ServiceProcess, steps: int
+) -> dict[str, Any]:
+    """A few PPO steps per reward variant, each its own run: trainer and worker as child processes."""
+    results: dict[str, Any] = {}
+    table = Table(title=f"PPO through the services: {steps} steps per variant (tiny untrained policy)")
+    for col in ("variant", "step", "version", "trajectories", "pass rate", "reward", "PRM part", "KL", "s"):
+        table.add_column(col)
+    for variant in ("rltf", "psgpo"):
+        run = f"demo-{variant}-{time.time_ns()}"
+        log = (out / "logs" / f"rollout-{variant}.log").open("w")
+        worker = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "services.cli",
+                "serve",
+                "rollout",
+                "--policy",
+                str(models / "policy"),
+                "--redis",
+                redis_url,
+                "--run",
+                run,
+                "--prm",
+                prm.grpc_target,
+                "--sandbox",
+                sandbox.grpc_target,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+            env={**os.environ, "ROLLOUT_WEIGHTS_CACHE": str(out / "weights" / variant)},
+        )
+        run_dir = out / "ppo" / variant
+        shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run each demo (the run name is new too)
+        try:
+            proc = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "services.cli",
+                    "train",
+                    "ppo",
+                    "--redis-url",
+                    redis_url,
+                    "--run",
+                    run,
+                    "--policy",
+                    str(models / "policy"),
+                    "--prm-model",
+                    str(models / "prm"),
+                    "--reward",
+                    variant,
+                    "--out-dir",
+                    str(run_dir),
+                    "--steps",
+                    str(steps),
+                    "--trajectories-per-step",
+                    "16",
+                    "--samples-per-task",
+                    "4",
+                    "--minibatch-size",
+                    "8",
+                    "--update-epochs",
+                    "1",
+                    "--lr",
+                    "3e-4",
+                    "--critic-lr",
+                    "3e-4",
+                    "--max-new-tokens",
+                    "32",
+                    "--max-staleness",
+                    "-1",
+                    "--batch-timeout-s",
+                    "300",
+                    "--device",
+                    "cpu",
+                ],
+                stdout=(out / "logs" / f"ppo-{variant}.log").open("w"),
+                stderr=subprocess.STDOUT,
+                timeout=900,
+            )
+        finally:
+            worker.terminate()
+            worker.wait(30)
+        if proc.returncode != 0:
+            raise RuntimeError(
+                f"psgpo train ppo --reward {variant} failed; see {out / 'logs'}/ppo-{variant}.log"
+            )
+        rows = [
+            json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()
+        ]
+        for m in rows:
+            table.add_row(
+                variant,
+                str(m["step"]),
+                str(m["policy_version"]),
+                str(m["trajectories"]),
+                f"{m['pass_rate']:.2f}",
+                f"{m['reward/total']:+.3f}",
+                f"{m['reward/prm']:+.4f}",
+                f"{m['kl']:.4f}",
+                f"{m['time/step_s']:.1f}",
+            )
+        results[variant] = rows
+    console.print(table)
+    console.print(
+        "[dim]A few steps on an untrained tiny policy: this shows the loop running (versions "
+        "advance, the workers hot-swap, PSGPO adds the dense PRM part), not a result.[/dim]"
+    )
+    return results
+
+
 def run_demo(out: Path, quick: bool = False) -> dict[str, Any]:
     from services.common.redis_local import start_redis
 
@@ -250,6 +366,9 @@ def run_demo(out: Path, quick: bool = False) -> dict[str, Any]:
         t = time.perf_counter()
         rollouts = _rollouts(models, out, redis_server.url, prm, sandbox, 2 if quick else 6)
         stages["rollouts"] = time.perf_counter() - t
+        t = time.perf_counter()
+        ppo = _ppo(models, out, redis_server.url, prm, sandbox, 2 if quick else 4)
+        stages["ppo"] = time.perf_counter() - t
     finally:
         prm.stop()
         sandbox.stop()
@@ -261,6 +380,7 @@ def run_demo(out: Path, quick: bool = False) -> dict[str, Any]:
     result = {
         "programs": direct,
         "trajectories": rollouts,
+        "ppo": ppo,
         "stages": stages,
         "quick": quick,
         "seconds": time.perf_counter() - t0,
