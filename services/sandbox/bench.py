@@ -27,6 +27,7 @@ from typing import Any
 from services.sandbox.bench_human_eval import load_problems
 from services.sandbox.client import (
     AsyncSandboxClient,
+    AsyncSandboxGrpcClient,
     HumanEvalTests,
     RunRequest,
     SandboxClient,
@@ -106,19 +107,27 @@ class ServiceRuns:
         self.http = SandboxClient(url)
         self.grpc = SandboxGrpcClient(target)
         self.url = url
+        self.target = target
         self.in_flight = 4 * workers
         self.requests = requests
 
-    def singles(self) -> list[Any]:
+    def singles(self, transport: str) -> list[Any]:
+        """One request per run, `in_flight` at a time, from one asyncio client."""
+
         async def main() -> list[Any]:
-            async with AsyncSandboxClient(self.url) as client:
-                limit = asyncio.Semaphore(self.in_flight)
+            client: AsyncSandboxClient | AsyncSandboxGrpcClient = (
+                AsyncSandboxClient(self.url) if transport == "http" else AsyncSandboxGrpcClient(self.target)
+            )
+            limit = asyncio.Semaphore(self.in_flight)
 
-                async def one(request: RunRequest) -> Any:
-                    async with limit:
-                        return await client.run_request(request)
+            async def one(request: RunRequest) -> Any:
+                async with limit:
+                    return await client.run_request(request)
 
+            try:
                 return list(await asyncio.gather(*(one(r) for r in self.requests)))
+            finally:
+                await (client.aclose() if isinstance(client, AsyncSandboxClient) else client.close())
 
         return asyncio.run(main())
 
@@ -126,7 +135,14 @@ class ServiceRuns:
         return [
             ("this sandbox, gRPC batch", lambda: self.grpc.run_batch(self.requests)),
             ("this sandbox, HTTP batch", lambda: self.http.run_batch(self.requests)),
-            (f"this sandbox, single HTTP requests ({self.in_flight} in flight)", self.singles),
+            (
+                f"this sandbox, single gRPC requests ({self.in_flight} in flight)",
+                lambda: self.singles("grpc"),
+            ),
+            (
+                f"this sandbox, single HTTP requests ({self.in_flight} in flight)",
+                lambda: self.singles("http"),
+            ),
         ]
 
     def close(self) -> None:

@@ -133,8 +133,13 @@ class SandboxClient:
         return [RunResult.from_dict(r) for r in body["results"]]
 
     def info(self) -> dict[str, Any]:
-        response = self._http.get("/v1/info")
-        response.raise_for_status()
+        """Workers, isolation layers and limits of the service."""
+        try:
+            response = self._http.get("/v1/info")
+        except httpx.TransportError as exc:
+            raise SandboxError(f"sandbox unreachable: {exc}") from None
+        if response.status_code != 200:
+            raise SandboxRejected(response.status_code, _error_message(response))
         return response.json()
 
     def ready(self) -> bool:
@@ -202,8 +207,13 @@ class AsyncSandboxClient:
         return [RunResult.from_dict(r) for r in body["results"]]
 
     async def info(self) -> dict[str, Any]:
-        response = await self._http.get("/v1/info")
-        response.raise_for_status()
+        """Workers, isolation layers and limits of the service."""
+        try:
+            response = await self._http.get("/v1/info")
+        except httpx.TransportError as exc:
+            raise SandboxError(f"sandbox unreachable: {exc}") from None
+        if response.status_code != 200:
+            raise SandboxRejected(response.status_code, _error_message(response))
         return response.json()
 
     async def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:

@@ -19,7 +19,7 @@ import struct
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +64,6 @@ class PoolStats:
     waiting: int = 0
     restarts: int = 0
     alive: int = 0
-    slots: list[int] = field(default_factory=list)
 
 
 class WorkerPool:
@@ -78,6 +77,7 @@ class WorkerPool:
         self.layers: list[Layer] = []
         self._closing = False
         self._next_id = 0
+        self._exchanges: set[asyncio.Future[dict[str, Any]]] = set()  # referenced until done
         self.uid_base = pick_uid_base(settings) if settings.separate_uid and os.getuid() == 0 else None
 
     # ------------------------------------------------------------------------------------------ lifecycle
@@ -165,7 +165,7 @@ class WorkerPool:
         try:
             await asyncio.wait_for(asyncio.to_thread(handle.process.wait), 2.0)
         except TimeoutError:
-            self._kill(handle)
+            await asyncio.to_thread(self._kill, handle)
         with contextlib.suppress(Exception):
             handle.writer.close()
 
@@ -185,35 +185,43 @@ class WorkerPool:
         return self._next_id
 
     async def submit(self, job: dict[str, Any], payload: bytes, timeout_s: float) -> dict[str, Any]:
-        """Run one job (already encoded as `payload`) on the next idle worker."""
+        """Run one job (already encoded as `payload`) on the next idle worker. The exchange with the
+        worker is shielded: a caller that goes away (a client's deadline, a disconnect) cannot strand
+        the worker mid-run; it finishes the run and goes back to the idle queue."""
         self.stats.waiting += 1
         try:
             handle = await self.idle.get()
         finally:
             self.stats.waiting -= 1
+        exchange = asyncio.ensure_future(self._exchange(handle, job, payload, timeout_s))
+        self._exchanges.add(exchange)
+        exchange.add_done_callback(self._exchanges.discard)
+        return await asyncio.shield(exchange)
+
+    async def _exchange(
+        self, handle: WorkerHandle, job: dict[str, Any], payload: bytes, timeout_s: float
+    ) -> dict[str, Any]:
         self.stats.busy += 1
         try:
             handle.writer.write(LENGTH.pack(len(payload)) + payload)
             await handle.writer.drain()
             reply = await asyncio.wait_for(_read(handle.reader), timeout_s + BACKSTOP_GRACE_S)
-        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError, OSError) as exc:
+            if reply.get("id") != job["id"]:
+                raise ValueError(f"answer to job {reply.get('id')}, not {job['id']}")
+        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError, OSError, ValueError) as exc:
             self.stats.busy -= 1
-            await self._replace(handle, f"{type(exc).__name__}")
+            await self._replace(handle, f"{type(exc).__name__}: {exc}")
             raise WorkerCrashed(
                 f"sandbox worker {handle.slot} failed during a run ({type(exc).__name__})"
             ) from None
         self.stats.busy -= 1
         handle.jobs += 1
         self.idle.put_nowait(handle)
-        if reply.get("id") != job["id"]:
-            raise WorkerCrashed(
-                f"sandbox worker {handle.slot} answered job {reply.get('id')}, not {job['id']}"
-            )
         return reply
 
     async def _replace(self, handle: WorkerHandle, why: str) -> None:
         log.error("sandbox worker %d (pid %d) failed: %s; restarting it", handle.slot, handle.pid, why)
-        self._kill(handle)
+        await asyncio.to_thread(self._kill, handle)  # waits for the process: off the event loop
         with contextlib.suppress(Exception):
             handle.writer.close()
         self.stats.alive -= 1

@@ -128,9 +128,6 @@ def reset_tracing() -> None:
     _setprofile(None)
 
 
-_SKIP = object()
-
-
 def _forbidden(name: str) -> Callable[..., Any]:
     def refuse(self: Opaque, *_args: Any) -> Any:
         raise TestFailed(f"the test used `{name}` of a program object: the program would decide it")
@@ -173,7 +170,7 @@ class Opaque:
         return self._psgpo_runtime.wrap(self._psgpo_target[self._psgpo_runtime.unwrap(key)])
 
     def __contains__(self, item: Any) -> bool:
-        return item in self._psgpo_target
+        return self._psgpo_runtime.unwrap(item) in self._psgpo_target
 
     def __str__(self) -> str:
         return str.__str__(str(self._psgpo_target))

@@ -13,7 +13,15 @@ import httpx
 import pytest
 
 from services.common.errors import UserError
-from services.sandbox.client import AssertTests, SandboxClient, Status
+from services.sandbox.client import (
+    AssertTests,
+    RetryPolicy,
+    RunRequest,
+    SandboxClient,
+    SandboxGrpcClient,
+    SandboxRejected,
+    Status,
+)
 from services.sandbox.config import SandboxSettings
 from services.sandbox.server import check_exposure, is_loopback
 from tests.sandbox.conftest import MARGIN_S, start_sandbox
@@ -88,5 +96,22 @@ def test_a_dead_worker_is_replaced_and_the_run_retried():
         assert core.pool.handles[0].pid != victim
         metrics = httpx.get(f"http://127.0.0.1:{running.http_port}/metrics").text
         assert "sandbox_failures_total 1.0" in metrics and "sandbox_worker_restarts 1.0" in metrics
+    finally:
+        running.stop()
+
+
+def test_cancelled_calls_give_their_worker_back():
+    running = start_sandbox(workers=1)
+    target = f"127.0.0.1:{running.grpc_port}"
+    slow = RunRequest("import time\ntime.sleep(1.0)\n", AssertTests("assert True\n"))
+    try:
+        with SandboxGrpcClient(target, timeout_s=0.2, retry=RetryPolicy(attempts=1)) as impatient:
+            for _ in range(3):
+                with pytest.raises(SandboxRejected, match="DEADLINE_EXCEEDED"):
+                    impatient.run_request(slow)
+        with SandboxGrpcClient(target, timeout_s=30) as patient:
+            assert patient.run("def f():\n    return 1\n", AssertTests("assert f() == 1\n")).passed
+        core = running.service.core  # type: ignore[union-attr]
+        assert core.pool.stats.busy == 0 and core.pool.idle.qsize() == 1
     finally:
         running.stop()
