@@ -60,7 +60,12 @@ __all__ = [
 
 RETRY_HTTP = frozenset({429, 502, 503, 504})
 RETRY_GRPC = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
-GRPC_OPTIONS = [("grpc.max_send_message_length", 256 << 20), ("grpc.max_receive_message_length", 256 << 20)]
+# round_robin: behind a headless Service (several sandbox pods), spread calls over every address.
+GRPC_OPTIONS = [
+    ("grpc.max_send_message_length", 256 << 20),
+    ("grpc.max_receive_message_length", 256 << 20),
+    ("grpc.lb_policy_name", "round_robin"),
+]
 
 
 class SandboxError(Exception):
