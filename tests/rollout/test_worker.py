@@ -289,3 +289,33 @@ def test_redis_restart_mid_run_loses_nothing(services, backend, tmp_path):
     counts = Counter(t.trajectory_id for t in trajs)
     assert set(counts) == {f"rr{i}:{j}" for i in range(n_tasks) for j in range(2)}
     assert max(counts.values()) == 1
+
+
+def test_back_pressure_pauses_until_the_trainer_consumes(r, redis_server, services, backend, tmp_path):
+    """With max_backlog=2 the worker writes one task's 2 trajectories, then waits; consuming them
+    lets it go on."""
+    for i in range(3):
+        enqueue_task(r, RUN, task(f"bp{i}", n=2))
+    consumer = trajectory_consumer(r, RUN, "bp-trainer")  # the trainer group exists from the start
+    cfg = settings(redis_server.url, services, tmp_path, max_backlog=2, tasks_per_batch=1)
+    k = keys.run_keys(RUN)
+
+    async def go() -> None:
+        stop = asyncio.Event()
+        worker = asyncio.create_task(run_worker(cfg, backend, r, stop))
+        end = time.monotonic() + 60
+        while time.monotonic() < end and r.xlen(k.trajectories) < 2:
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(2.0)  # time enough for more work, were it not paused
+        assert r.xlen(k.trajectories) == 2
+        consumed = 0
+        end = time.monotonic() + 90
+        while time.monotonic() < end and consumed < 6:
+            batch = await asyncio.to_thread(consumer.read, 16, 200)
+            consumer.ack(*batch)
+            consumed += len(batch)
+        stop.set()
+        await worker
+        assert consumed == 6
+
+    asyncio.run(go())
