@@ -141,6 +141,42 @@ def _direct(prm: ServiceProcess, sandbox: ServiceProcess) -> list[dict[str, Any]
     return rows
 
 
+class _Worker(subprocess.Popen):
+    log_path: Path
+
+
+def _start_worker(
+    models: Path,
+    redis_url: str,
+    run: str,
+    prm: ServiceProcess,
+    sandbox: ServiceProcess,
+    log_path: Path,
+    weights: Path,
+) -> _Worker:
+    """`psgpo serve rollout` as a child process for one run."""
+    args = [
+        "--policy",
+        str(models / "policy"),
+        "--redis",
+        redis_url,
+        "--run",
+        run,
+        "--prm",
+        prm.grpc_target,
+        "--sandbox",
+        sandbox.grpc_target,
+    ]
+    worker = _Worker(
+        [sys.executable, "-m", "services.cli", "serve", "rollout", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=log_path.open("w"),
+        env={**os.environ, "ROLLOUT_WEIGHTS_CACHE": str(weights)},
+    )
+    worker.log_path = log_path
+    return worker
+
+
 def _rollouts(
     models: Path, out: Path, redis_url: str, prm: ServiceProcess, sandbox: ServiceProcess, count: int
 ) -> list[dict[str, Any]]:
@@ -149,29 +185,10 @@ def _rollouts(
 
     run = "demo"
     r = connect(redis_url)
-    log = (out / "logs" / "rollout.log").open("w")
-    worker = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "services.cli",
-            "serve",
-            "rollout",
-            "--policy",
-            str(models / "policy"),
-            "--redis",
-            redis_url,
-            "--run",
-            run,
-            "--prm",
-            prm.grpc_target,
-            "--sandbox",
-            sandbox.grpc_target,
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=log,
-        env={**os.environ, "ROLLOUT_WEIGHTS_CACHE": str(out / "weights")},
+    worker = _start_worker(
+        models, redis_url, run, prm, sandbox, out / "logs" / "rollout.log", out / "weights"
     )
+    log = worker.log_path
     try:
         tests = sandbox_pb2.TestSpec(assert_tests=sandbox_pb2.AssertTests(code=SQUARES_TESTS))
         tasks = [
@@ -198,7 +215,7 @@ def _rollouts(
         worker.wait(30)
         r.close()
     if len(got) < 4 * count:
-        raise RuntimeError(f"the rollout worker wrote {len(got)} of {4 * count} trajectories; see {log.name}")
+        raise RuntimeError(f"the rollout worker wrote {len(got)} of {4 * count} trajectories; see {log}")
     table = Table(title=f"trajectories from the rollout worker ({count} tasks x 4 samples, untrained policy)")
     for col in ("trajectory", "tokens", "sandbox", "PRM line scores", "first line"):
         table.add_column(col)
@@ -238,28 +255,14 @@ def _ppo(
         table.add_column(col)
     for variant in ("rltf", "psgpo"):
         run = f"demo-{variant}-{time.time_ns()}"
-        log = (out / "logs" / f"rollout-{variant}.log").open("w")
-        worker = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "services.cli",
-                "serve",
-                "rollout",
-                "--policy",
-                str(models / "policy"),
-                "--redis",
-                redis_url,
-                "--run",
-                run,
-                "--prm",
-                prm.grpc_target,
-                "--sandbox",
-                sandbox.grpc_target,
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=log,
-            env={**os.environ, "ROLLOUT_WEIGHTS_CACHE": str(out / "weights" / variant)},
+        worker = _start_worker(
+            models,
+            redis_url,
+            run,
+            prm,
+            sandbox,
+            out / "logs" / f"rollout-{variant}.log",
+            out / "weights" / variant,
         )
         run_dir = out / "ppo" / variant
         shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run each demo (the run name is new too)
