@@ -36,6 +36,10 @@ above is unchanged); it broadcasts the step's trajectories and every rank trains
 `trajectories_per_step / world_size` under DistributedDataParallel (gloo on CPU, nccl on GPU).
 Advantage whitening and the KL controller use statistics all-reduced over the whole batch; gradients
 are averaged by DDP, so every rank applies the same update (checked at each checkpoint).
+With `--parallel fsdp` the policy, the critic and the frozen reference are sharded instead (FSDP2
+`fully_shard`, each decoder layer then the root): each rank keeps 1/W of the weights, gradients and
+optimizer state. Checkpoints and published weights are still the full (unsharded) state dicts, gathered
+from all ranks and written by rank 0 in the same format as under DDP, so either mode resumes the other.
 """
 
 from __future__ import annotations
@@ -208,6 +212,12 @@ class PPOArgs:
     """torch intra-op threads (0: torch's default)."""
     metrics_port: int = 0
     """Prometheus /metrics port of rank 0 (0: off)."""
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    """Under torchrun: ddp = every rank holds the whole policy and critic (DistributedDataParallel);
+    fsdp = the policy, the critic and the frozen reference are sharded over the ranks (FSDP2
+    fully_shard per decoder layer, then the root), for models whose weights, gradients and Adam state
+    do not fit one device. Checkpoints and published weights are full state dicts either way. Each rank
+    still loads the full model before sharding it. Ignored in a single process."""
 
     def reward_config(self) -> RewardConfig:
         dense = {} if self.dense_prm is None else {"use_prm_dense": self.dense_prm}
@@ -431,8 +441,121 @@ def build_critic(args: PPOArgs, device: torch.device) -> nn.Module:
     raise UserError(f"unknown --value-init {init!r} (prm, policy or random)")
 
 
+def full_value(value: torch.Tensor) -> torch.Tensor:
+    """A DTensor (FSDP) as the plain tensor it stands for; a plain tensor as it is."""
+    return value.full_tensor() if hasattr(value, "full_tensor") else value
+
+
 def unwrap(model: nn.Module) -> nn.Module:
+    """The module under DDP's wrapper (FSDP2 shards the module in place: nothing to unwrap)."""
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def sharded(dist: Dist, args: PPOArgs) -> bool:
+    return dist.on and args.parallel == "fsdp"
+
+
+def shard_model(model: nn.Module, mesh: Any) -> nn.Module:
+    """FSDP2: `fully_shard` each decoder layer (the classes HF lists in `_no_split_modules`), then the
+    root (embeddings, final norm, heads: tied weights stay together in the root's group)."""
+    from torch.distributed.fsdp import fully_shard
+
+    layer_types = set(getattr(model, "_no_split_modules", None) or ())
+    layers = [m for m in model.modules() if m is not model and type(m).__name__ in layer_types]
+    if not layers:
+        log.warning("%s lists no decoder layers (_no_split_modules): sharding it as one unit",
+                    type(model).__name__)  # fmt: skip
+    for layer in layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def full_state_dict(model: nn.Module, dist: Dist, args: PPOArgs) -> dict[str, torch.Tensor]:
+    """The full (unsharded) weights, keyed as `unwrap(model).state_dict()`. Under FSDP a collective
+    (every rank must call it) that returns them, on the CPU, on rank 0 only ({} elsewhere); tied
+    parameters come back as one tensor under each of their names, as from `state_dict()`."""
+    if not sharded(dist, args):
+        return unwrap(model).state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if state:
+        aliases: dict[int, list[str]] = {}
+        for name, param in model.named_parameters(remove_duplicate=False):
+            aliases.setdefault(id(param), []).append(name)
+        for names in aliases.values():  # gathered separately: tie them again (save_pretrained dedupes)
+            for name in names[1:]:
+                if names[0] in state and name in state:
+                    state[name] = state[names[0]]
+    return state
+
+
+def full_optimizer_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer, dist: Dist, args: PPOArgs
+) -> dict[str, Any]:
+    """`optimizer.state_dict()` in its usual form (parameters numbered in `model.parameters()` order).
+    Under FSDP a collective: the gathered full state, on the CPU, on rank 0 only ({} elsewhere)."""
+    if not sharded(dist, args):
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    full = get_optimizer_state_dict(
+        model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
+    if not dist.main:
+        return {}
+    number = {name: i for i, (name, _) in enumerate(model.named_parameters())}
+    return {
+        "state": {number[name]: value for name, value in full["state"].items()},
+        "param_groups": [
+            {**group, "params": [number[name] for name in group["params"]]} for group in full["param_groups"]
+        ],
+    }
+
+
+def load_optimizer_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer, saved: dict[str, Any], dist: Dist, args: PPOArgs
+) -> None:
+    """Load a `full_optimizer_state` (every rank passes the whole of it; FSDP keeps this rank's shard)."""
+    if not sharded(dist, args):
+        optimizer.load_state_dict(saved)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    names = [name for name, _ in model.named_parameters()]
+    by_name = {
+        "state": {names[i]: value for i, value in saved["state"].items()},
+        "param_groups": [
+            {**group, "params": [names[i] for i in group["params"]]} for group in saved["param_groups"]
+        ],
+    }
+    set_optimizer_state_dict(
+        model, optimizer, optim_state_dict=by_name, options=StateDictOptions(full_state_dict=True)
+    )
+
+
+def parallelize(
+    policy: nn.Module, critic: nn.Module, reference: nn.Module, dist: Dist, args: PPOArgs
+) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """(policy, critic, reference) for this world: as they are in one process; policy and critic under
+    DDP (the reference, never trained, stays whole); or all three sharded with FSDP2. The reference is
+    sharded too because it is as large as the policy: keeping it whole would undo most of the saving."""
+    if not dist.on:
+        return policy, critic, reference
+    if args.parallel == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
+
+        # Every rank loaded the same weights (same files, same seed): fully_shard keeps its own slice.
+        mesh = init_device_mesh(dist.device.type, (dist.world,))
+        return shard_model(policy, mesh), shard_model(critic, mesh), shard_model(reference, mesh)
+    # DDP broadcasts rank 0's parameters at construction; gradients are averaged in backward.
+    ddp_ids = [dist.device.index] if dist.device.type == "cuda" else None
+    return (
+        nn.parallel.DistributedDataParallel(policy, device_ids=ddp_ids),
+        nn.parallel.DistributedDataParallel(critic, device_ids=ddp_ids),
+        reference,
+    )
 
 
 # =====================================================================================================
@@ -763,14 +886,18 @@ def save_checkpoint(
         tmp.mkdir(parents=True)
     barrier(dist)
     torch.save(rng_state(generator), tmp / f"rng-rank{dist.rank}.pt")  # each rank its own streams
+    # Full (unsharded) weights and optimizer state: under FSDP gathered by every rank, kept by rank 0.
+    models = {"policy": policy, "critic": critic}
+    weights = {key: full_state_dict(model, dist, args) for key, model in models.items()}
+    opt_states = {key: full_optimizer_state(models[key], opt, dist, args) for key, opt in optimizers.items()}
     if dist.main:
-        unwrap(policy).save_pretrained(tmp / "policy", safe_serialization=True)
-        tokenizer.save_pretrained(tmp / "policy")
-        unwrap(critic).save_pretrained(tmp / "critic", safe_serialization=True)
-        tokenizer.save_pretrained(tmp / "critic")  # the critic reads the policy's tokens
-        torch.save({k: opt.state_dict() for k, opt in optimizers.items()}, tmp / "optimizers.pt")
+        for key, model in models.items():  # the critic reads the policy's tokens: same tokenizer
+            unwrap(model).save_pretrained(tmp / key, state_dict=weights[key], safe_serialization=True)
+            tokenizer.save_pretrained(tmp / key)
+        torch.save(opt_states, tmp / "optimizers.pt")
         (tmp / "args.json").write_text(json.dumps(asdict(args), default=str, indent=2))
         torch.save({**asdict(state), "world_size": dist.world}, tmp / "trainer_state.pt")
+    del weights, opt_states
     barrier(dist)
     if dist.main:
         shutil.rmtree(final, ignore_errors=True)  # a step redone after a crash before its commit
@@ -798,9 +925,10 @@ def truncate_jsonl(path: Path, last_step: int) -> None:
     _write_text_atomic(path, "".join(ln + "\n" for ln in kept))
 
 
-def check_replicas_in_sync(models: Sequence[nn.Module], dist: Dist) -> None:
-    """Every rank holds the same weights (DDP keeps them so; a cheap checksum proves it)."""
-    if not dist.on:
+def check_replicas_in_sync(models: Sequence[nn.Module], dist: Dist, args: PPOArgs | None = None) -> None:
+    """Every rank holds the same weights (DDP keeps them so; a cheap checksum proves it). Under FSDP
+    there are no replicas (each rank holds its own shard): nothing to check."""
+    if not dist.on or (args is not None and sharded(dist, args)):
         return
     total = sum(float(p.detach().double().sum()) for m in models for p in unwrap(m).parameters())
     mine = torch.tensor([total, -total], dtype=torch.float64, device=dist.device)
@@ -863,6 +991,10 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
 
 @dataclass
 class TrainResult:
+    """What `train` ends with. Under `--parallel fsdp` policy and critic hold this rank's shards
+    (DTensors): gather them with `get_model_state_dict(..., full_state_dict=True)` while the process group
+    is still up (a caller that wants that initialises the group itself), or read out_dir/policy."""
+
     policy: nn.Module
     critic: nn.Module
     state: TrainerState
@@ -923,14 +1055,8 @@ def train(args: PPOArgs, stop: Callable[[], bool] | None = None) -> TrainResult:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     vocab_size = int(unwrap(policy).get_input_embeddings().weight.shape[0])
     max_positions = int(getattr(policy.config, "max_position_embeddings", 1 << 30))
-    # CleanRL: Adam eps 1e-5 (instead of 1e-8), "The 37 Implementation Details of PPO", detail 3.
-    policy_opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, eps=1e-5, weight_decay=0.0)
-    critic_opt = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr, eps=1e-5, weight_decay=0.0)
-    optimizers = {"policy": policy_opt, "critic": critic_opt}
     kl_ctl = make_kl_controller(reward_cfg)
     if checkpoint is not None:
-        for name, opt_state in torch.load(checkpoint / "optimizers.pt", weights_only=True).items():
-            optimizers[name].load_state_dict(opt_state)
         kl_ctl.value = state.kl_coef
         rng_file = checkpoint / f"rng-rank{dist.rank}.pt"
         if rng_file.is_file():
@@ -939,11 +1065,6 @@ def train(args: PPOArgs, stop: Callable[[], bool] | None = None) -> TrainResult:
             log.warning(
                 "no RNG state for rank %d in %s (another world size?): fresh streams", dist.rank, checkpoint
             )
-    if dist.on:
-        # DDP broadcasts rank 0's parameters at construction; gradients are averaged in backward.
-        ddp_ids = [dist.device.index] if dist.device.type == "cuda" else None
-        policy = nn.parallel.DistributedDataParallel(policy, device_ids=ddp_ids)
-        critic = nn.parallel.DistributedDataParallel(critic, device_ids=ddp_ids)
 
     # ---- rank 0: Redis, weights, tasks, logs --------------------------------------------------------
     source: TrajectorySource | None = None
@@ -983,7 +1104,17 @@ def train(args: PPOArgs, stop: Callable[[], bool] | None = None) -> TrainResult:
             publisher.publish(state.policy_version, unwrap(policy).state_dict())
         elif announced < state.policy_version:  # killed between the checkpoint and the publish
             publisher.publish(state.policy_version, unwrap(policy).state_dict())
+    # ---- every rank: DDP or FSDP, then the optimizers (on the sharded parameters under FSDP) ----------
+    # After rank 0's start-up publish above, which reads the whole, not yet sharded, policy.
+    policy, critic, reference = parallelize(policy, critic, reference, dist, args)
+    # CleanRL: Adam eps 1e-5 (instead of 1e-8), "The 37 Implementation Details of PPO", detail 3.
+    policy_opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, eps=1e-5, weight_decay=0.0)
+    critic_opt = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr, eps=1e-5, weight_decay=0.0)
+    optimizers = {"policy": policy_opt, "critic": critic_opt}
+    trained_models = {"policy": policy, "critic": critic}
     if checkpoint is not None:
+        for name, opt_state in torch.load(checkpoint / "optimizers.pt", weights_only=True).items():
+            load_optimizer_state(trained_models[name], optimizers[name], opt_state, dist, args)
         log.info("resumed from %s (step %d, policy version %d)", checkpoint, state.step, state.policy_version)
     resumed_from = state.step if checkpoint is not None else None
 
@@ -1118,9 +1249,10 @@ def train(args: PPOArgs, stop: Callable[[], bool] | None = None) -> TrainResult:
                 loss = pg.loss - args.ent_coef * entropy + vf.loss
                 policy_opt.zero_grad(set_to_none=True)
                 critic_opt.zero_grad(set_to_none=True)
-                loss.backward()  # DDP all-reduces (averages) the gradients of both networks here
-                policy_norm = nn.utils.clip_grad_norm_(unwrap(policy).parameters(), args.max_grad_norm)
-                critic_norm = nn.utils.clip_grad_norm_(unwrap(critic).parameters(), args.max_grad_norm)
+                loss.backward()  # DDP all-reduces (FSDP reduce-scatters) the averaged gradients here
+                # Under FSDP the norms are DTensors over the shards: full_tensor() is the global norm.
+                policy_norm = full_value(nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm))
+                critic_norm = full_value(nn.utils.clip_grad_norm_(critic.parameters(), args.max_grad_norm))
                 policy_opt.step()
                 critic_opt.step()
                 if math.isnan(drift_kl):  # before any update of this step: sampling policy vs trainer's
@@ -1191,7 +1323,7 @@ def train(args: PPOArgs, stop: Callable[[], bool] | None = None) -> TrainResult:
         stopping = broadcast_object(step == args.steps or (stop is not None and stop()), dist)
         checkpoint_now = args.checkpoint_every > 0 and (step % args.checkpoint_every == 0 or stopping)
         if checkpoint_now:
-            check_replicas_in_sync([policy, critic], dist)
+            check_replicas_in_sync([policy, critic], dist, args)
             state.committed = source.commit() if source is not None else []
             save_checkpoint(out_dir, state, policy, critic, tokenizer, optimizers, minibatch_rng, args, dist)
         if source is not None:
@@ -1199,9 +1331,12 @@ def train(args: PPOArgs, stop: Callable[[], bool] | None = None) -> TrainResult:
                 source.acknowledge_held()  # the update is durable (or, with no checkpoints, applied)
             else:
                 source.keepalive()
-        if publish_now and dist.main:
-            assert publisher is not None
-            publisher.publish(state.policy_version, unwrap(policy).state_dict())
+        if publish_now:
+            weights = full_state_dict(policy, dist, args)  # every rank gathers under FSDP
+            if dist.main:
+                assert publisher is not None
+                publisher.publish(state.policy_version, weights)
+            del weights
         state.committed = []
         progress.update(1)
         progress.set_postfix(
@@ -1211,10 +1346,12 @@ def train(args: PPOArgs, stop: Callable[[], bool] | None = None) -> TrainResult:
             break
     progress.close()
 
+    final_weights = full_state_dict(policy, dist, args)  # every rank gathers under FSDP
     if dist.main:
         final = out_dir / "policy"
-        unwrap(policy).save_pretrained(final, safe_serialization=True)
+        unwrap(policy).save_pretrained(final, state_dict=final_weights, safe_serialization=True)
         tokenizer.save_pretrained(final)
+    del final_weights
     barrier(dist)
     if dist.initialized_here:
         torch_dist.destroy_process_group()
