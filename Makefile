@@ -33,6 +33,7 @@ demo: setup
 bench: setup
 	$(BIN)/psgpo bench prm --out runs/bench
 	$(BIN)/psgpo bench sandbox --out runs/bench
+	$(BIN)/psgpo bench pipeline --out runs/bench
 
 protos: setup
 	$(BIN)/python protos/generate.py
