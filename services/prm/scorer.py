@@ -142,6 +142,10 @@ class PrmScorer:
         self.pad_id = int(pad) if pad is not None else 0
         self.bos = [tokenizer.bos_token_id] if getattr(tokenizer, "add_bos_token", False) else []
         self.parameters = sum(p.numel() for p in model.parameters())
+        # No token spans more characters than its longest vocabulary entry has bytes, so a text longer
+        # than max_length * that is over the limit for sure: refused before spending time tokenizing it.
+        longest = max((len(t) for t in tokenizer.get_vocab()), default=1)
+        self.max_chars = self.max_length * max(longest, 1) + 2 * (self.max_length + 1)
 
     def _encode_batch(self, texts: list[str]) -> list[list[int]]:
         return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
@@ -151,6 +155,11 @@ class PrmScorer:
         for i, (prompt, response) in enumerate(items):
             _require_text(prompt, f"items[{i}].prompt")
             _require_text(response, f"items[{i}].response")
+            if len(prompt) + len(response) > self.max_chars:
+                raise TooLarge(
+                    f"items[{i}]: {len(prompt) + len(response)} characters cannot fit the model's limit of "
+                    f"{self.max_length} tokens"
+                )
         prompts = self._encode_batch([p for p, _ in items]) if items else []
         responses = encode_responses([r for _, r in items], self._encode_batch)
         out: list[Prepared] = []
