@@ -133,3 +133,15 @@ def test_overload_sheds_with_429(tiny_models: Path):
         assert set(codes) <= {200, 429} and 429 in codes and 200 in codes
     finally:
         running.stop()
+
+
+def test_huge_text_refused_before_tokenizing(http_url: str):
+    """Megabytes of text under the body limit: a fast 413, not seconds of tokenization."""
+    import time
+
+    t0 = time.perf_counter()
+    resp = httpx.post(
+        f"{http_url}/v1/score", json={"items": [{"prompt": "", "response": "x = 1\n" * 500_000}]}
+    )
+    assert resp.status_code == 413 and "cannot fit" in resp.json()["error"]
+    assert time.perf_counter() - t0 < 2.0
