@@ -72,6 +72,7 @@ def serve_prm(
     max_batch_tokens: Annotated[int | None, typer.Option(help="padded tokens per batch")] = None,
     max_wait_ms: Annotated[float | None, typer.Option(help="wait this long to fill a batch")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N")] = None,
+    backend: Annotated[str | None, typer.Option(help="hf or vllm (GPU) [PRM_BACKEND, hf]")] = None,
 ) -> None:
     """Serve a PRM: one-pass line scores over HTTP (FastAPI) and gRPC, with dynamic batching."""
     from services.prm.config import PrmSettings
@@ -87,6 +88,7 @@ def serve_prm(
                 max_batch_tokens=max_batch_tokens,
                 max_wait_ms=max_wait_ms,
                 device=device,
+                backend=backend,
             )
         )
     )
@@ -121,7 +123,7 @@ def serve_rollout(
     prm: Annotated[str | None, typer.Option(help="PRM gRPC HOST:PORT [ROLLOUT_PRM]; unset: no PRM")] = None,
     sandbox: Annotated[str | None, typer.Option(help="sandbox gRPC HOST:PORT [ROLLOUT_SANDBOX]")] = None,
     run: Annotated[str | None, typer.Option(help="run name: keys psgpo:{run}:... [ROLLOUT_RUN]")] = None,
-    backend: Annotated[str | None, typer.Option(help="hf (vllm: issue 9) [ROLLOUT_BACKEND]")] = None,
+    backend: Annotated[str | None, typer.Option(help="hf or vllm (GPU) [ROLLOUT_BACKEND, hf]")] = None,
     consumer: Annotated[str | None, typer.Option(help="consumer name in group rollout")] = None,
     metrics_port: Annotated[int | None, typer.Option(help="Prometheus port (0: off)")] = None,
 ) -> None:

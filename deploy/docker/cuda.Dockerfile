@@ -8,10 +8,9 @@
 # an NVIDIA driver recent enough for CUDA 12.8 and the NVIDIA container toolkit (or, on
 # Kubernetes, the NVIDIA device plugin).
 #
-# The `vllm` extra does not exist in pyproject.toml yet (issue 9): until it does, pip warns that
-# psgpo "does not provide the extra 'vllm'" and installs the ml extra only; the image then runs the
-# `hf` backends on the GPU. When the extra lands, vLLM pins its own torch version: set TORCH_SPEC to
-# that version (or leave it to vLLM) so pip does not swap torch between the two steps.
+# The `vllm` extra (pyproject.toml) brings the vllm backends (issue 9; not yet run on a GPU). vLLM
+# pins its own torch version: set TORCH_SPEC to that version (or leave it to vLLM) so pip does not
+# swap torch between the two steps.
 
 # ------------------------------------------------------------------------------------------ build
 FROM nvidia/cuda:12.8.1-runtime-ubi9 AS build

@@ -28,3 +28,8 @@ class PrmSettings(ServiceSettings):
     max_items_per_request: int = Field(512, gt=0)
     max_length: int = Field(0, ge=0, description="max prompt+response tokens (0: the model's own limit)")
     reward_aggregate: Aggregate = Field("min", description="aggregate used by /get_reward and GetReward")
+    backend: Literal["hf", "vllm"] = Field("hf", description="hf (transformers) or vllm (pooling model, GPU)")
+    gpu_memory_utilization: float = Field(
+        0.3, gt=0, le=1, description="vllm: fraction of GPU memory for the PRM (leave room for a policy)"
+    )
+    tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs the PRM is sharded over")

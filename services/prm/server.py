@@ -45,6 +45,16 @@ def load_scorer(settings: PrmSettings) -> PrmScorer:
 
     if settings.model is None:
         raise UserError("no PRM given: pass --model DIR or set PRM_MODEL")
+    if settings.backend == "vllm":
+        from services.prm.scorer_vllm import VllmPrmScorer
+
+        return VllmPrmScorer(
+            settings.model,
+            dtype=settings.dtype,
+            max_length=settings.max_length,
+            gpu_memory_utilization=settings.gpu_memory_utilization,
+            tensor_parallel_size=settings.tensor_parallel_size,
+        )
     return PrmScorer(settings.model, settings.device, settings.dtype, settings.threads, settings.max_length)
 
 

@@ -49,6 +49,10 @@ class RolloutSettings(BaseSettings):
     weights_cache: Path = Field(Path("runs/rollout-weights"), description="where fetched weights land")
     metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus /metrics port (0: off)")
     max_batch_sequences: int = Field(64, gt=0, description="sequences per generation batch")
+    gpu_memory_utilization: float = Field(
+        0.85, gt=0, le=1, description="vllm backend: fraction of GPU memory for weights + KV cache"
+    )
+    tensor_parallel_size: int = Field(1, ge=1, description="vllm backend: GPUs the policy is sharded over")
     pipeline: Literal["auto", "on", "off"] = Field(
         "auto",
         description="generate batch k+1 while batch k is scored; auto: on when generating on a GPU "

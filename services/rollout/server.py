@@ -45,14 +45,24 @@ def check_settings(settings: RolloutSettings) -> None:
     if not (settings.policy / "config.json").is_file():
         raise UserError(f"{settings.policy} is not a Hugging Face model dir (no config.json)")
     if settings.backend == "vllm":
-        raise UserError("the vllm backend is not available yet (issue 9); use --backend hf")
+        from services.rollout.backend_vllm import require_vllm
+
+        require_vllm()  # one line before Redis is contacted or a model loaded
 
 
 def build_backend(settings: RolloutSettings):  # -> GenerationBackend
     check_settings(settings)
-    from services.rollout.backend_hf import HfBackend
-
     try:
+        if settings.backend == "vllm":
+            from services.rollout.backend_vllm import VllmBackend
+
+            return VllmBackend(
+                settings.policy,
+                gpu_memory_utilization=settings.gpu_memory_utilization,
+                tensor_parallel_size=settings.tensor_parallel_size,
+            )
+        from services.rollout.backend_hf import HfBackend
+
         return HfBackend(settings.policy, max_batch_sequences=settings.max_batch_sequences)
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot load policy from {settings.policy}: {str(exc).splitlines()[0]}") from None
