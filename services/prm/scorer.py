@@ -40,6 +40,19 @@ class Scored:
     last_token_score: float
 
 
+def line_scores(item: Prepared, values: list[float]) -> Scored:
+    """Per-token outputs (T,) of one item -> its line scores: the output at each non-neutral line's
+    last token (prompt offset added); None for neutral lines."""
+    scores: list[float | None] = []
+    for line, tok in zip(item.lines, item.token_index, strict=True):
+        if line.neutral or tok < 0:
+            scores.append(None)
+            continue
+        value = values[item.prompt_len + tok]
+        scores.append(value if math.isfinite(value) else None)
+    return Scored(scores, values[item.num_tokens - 1])
+
+
 def check_prm_dir(path: Path) -> dict:
     """Fail with one line unless `path` holds a Hugging Face token classifier with one label."""
     if not path.exists():
@@ -192,14 +205,4 @@ class PrmScorer:
         with torch.inference_mode():
             logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
         values = logits[..., 0].float().cpu().tolist()  # (B, T)
-        results: list[Scored] = []
-        for row, item in enumerate(batch):
-            scores: list[float | None] = []
-            for line, tok in zip(item.lines, item.token_index, strict=True):
-                if line.neutral or tok < 0:
-                    scores.append(None)
-                    continue
-                value = values[row][item.prompt_len + tok]
-                scores.append(value if math.isfinite(value) else None)
-            results.append(Scored(scores, values[row][item.num_tokens - 1]))
-        return results
+        return [line_scores(item, row) for item, row in zip(batch, values, strict=True)]

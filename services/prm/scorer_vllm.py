@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from services.common.errors import UserError
-from services.prm.scorer import Prepared, PrmScorer, Scored
+from services.prm.scorer import Prepared, PrmScorer, Scored, line_scores
 
 
 class VllmPrmScorer(PrmScorer):
@@ -116,15 +116,3 @@ def raw_pooling_params() -> Any:
         return PoolingParams(use_activation=False)
     except TypeError:  # releases before `use_activation`
         return PoolingParams(activation=False)
-
-
-def line_scores(item: Prepared, values: list[float]) -> Scored:
-    """Per-token scores (T,) of one item -> its line scores, as `PrmScorer.forward` reads them."""
-    scores: list[float | None] = []
-    for line, tok in zip(item.lines, item.token_index, strict=True):
-        if line.neutral or tok < 0:
-            scores.append(None)
-            continue
-        value = values[item.prompt_len + tok]
-        scores.append(value if math.isfinite(value) else None)
-    return Scored(scores, values[item.num_tokens - 1])
