@@ -28,11 +28,11 @@ def test_all_canonical_solutions_pass(sandbox: Sandbox, problems: list[dict]):
 
 
 def test_wrong_completions_fail(sandbox: Sandbox, problems: list[dict]):
-    stubs = ["    return None\n", "    pass\n", "    return 0\n", "    raise NotImplementedError\n"]
+    wrong_bodies = ["    return None\n", "    pass\n", "    return 0\n", "    raise NotImplementedError\n"]
     requests = [
-        RunRequest(p["prompt"] + stub, HumanEvalTests(p["test"], p["entry_point"]), 5.0)
+        RunRequest(p["prompt"] + body, HumanEvalTests(p["test"], p["entry_point"]), 5.0)
         for p in problems[:40]
-        for stub in stubs
+        for body in wrong_bodies
     ]
     results = sandbox.client.run_batch(requests)
     assert not any(r.passed for r in results)

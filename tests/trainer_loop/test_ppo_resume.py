@@ -47,13 +47,14 @@ def test_crash_then_resume_trains_each_trajectory_once(
     moment, samples, r, redis_server, tiny_models, tmp_path, monkeypatch
 ):
     import trainer.ppo as ppo
+    import trainer.source as source  # the trajectory source acknowledges (its module holds ack_deliveries)
 
     run, out = f"crash-{moment}", tmp_path / "out"
     fill_stream(r, run, samples, 24, "c")
     args = ppo_args(tiny_models, redis_server.url, run, out, steps=4, trajectories_per_step=4,
                     task_source="none", batch_timeout_s=20, update_epochs=1)  # fmt: skip
 
-    real_save, real_ack = ppo.save_checkpoint, ppo.ack_deliveries
+    real_save, real_ack = ppo.save_checkpoint, source.ack_deliveries
 
     def save_failing_at_step_2(out_dir, state, *rest, **kw):
         if state.step == 2:
@@ -71,11 +72,11 @@ def test_crash_then_resume_trains_each_trajectory_once(
     if moment == "before_commit":
         monkeypatch.setattr(ppo, "save_checkpoint", save_failing_at_step_2)
     else:
-        monkeypatch.setattr(ppo, "ack_deliveries", ack_failing_the_second_time)
+        monkeypatch.setattr(source, "ack_deliveries", ack_failing_the_second_time)
     with pytest.raises(SimulatedCrash):
         ppo.train(args)
     monkeypatch.setattr(ppo, "save_checkpoint", real_save)
-    monkeypatch.setattr(ppo, "ack_deliveries", real_ack)
+    monkeypatch.setattr(source, "ack_deliveries", real_ack)
 
     result = ppo.train(args)
     assert result.resumed_from == (1 if moment == "before_commit" else 2)
