@@ -16,6 +16,7 @@ from pathlib import Path
 
 from services.common.errors import InvalidInput, TooLarge, UserError
 from services.common.lines import Line, encode_responses, split_lines
+from services.common.torch_device import resolve_device
 
 
 @dataclass(slots=True)
@@ -126,14 +127,10 @@ class PrmScorer:
 
         hf_logging.disable_progress_bar()
 
-        if threads:
-            torch.set_num_threads(threads)
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise UserError(f"device {device} requested but no CUDA GPU is available")
-        if dtype == "auto":
-            dtype = "bfloat16" if device.startswith("cuda") else "float32"
+        try:
+            device, dtype = resolve_device(device, dtype, threads)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
         try:
             tokenizer = AutoTokenizer.from_pretrained(model_dir)
             model = AutoModelForTokenClassification.from_pretrained(model_dir, dtype=getattr(torch, dtype))

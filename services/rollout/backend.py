@@ -36,8 +36,9 @@ from __future__ import annotations
 
 import hashlib
 import math
+import threading
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
@@ -194,6 +195,32 @@ class GenerationBackend(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+class ModelThread:
+    """The one thread a backend runs all its model work on (a second thread calling torch starts a
+    second OpenMP team, slowing forwards on small CPUs). Calls from that thread itself run inline."""
+
+    def __init__(self, name: str) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self._thread_id = self._executor.submit(threading.get_ident).result()
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        """Run fn on the model thread; called from the model thread itself, fn runs at once."""
+        if threading.get_ident() == self._thread_id:
+            future: Future[Any] = Future()
+            try:
+                future.set_result(fn(*args, **kwargs))
+            except BaseException as exc:  # handed to the caller through the future
+                future.set_exception(exc)
+            return future
+        return self._executor.submit(fn, *args, **kwargs)
+
+    def run_on_model_thread(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        return self.submit(fn, *args, **kwargs).result()
+
+    def shutdown_thread(self, wait: bool = True) -> None:
+        self._executor.shutdown(wait=wait)
 
 
 def sequence_seed(seed: int, prompt_index: int, sample_index: int) -> int:

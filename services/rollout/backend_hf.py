@@ -20,16 +20,16 @@ from __future__ import annotations
 import json
 import random
 import secrets
-import threading
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from services.common.torch_device import resolve_device
 from services.rollout.backend import (
     FinishReason,
     IncompatibleWeights,
     IncrementalDetokenizer,
+    ModelThread,
     Sample,
     SamplingConfig,
     WeightsSource,
@@ -45,7 +45,7 @@ DETOKENIZER_CONTEXT = 5  # prompt tokens the detokenizer sees before the respons
 MAX_LISTED = 5  # names listed in a weights error
 
 
-class HfBackend:
+class HfBackend(ModelThread):
     """A Hugging Face causal LM dir (config.json, safetensors, fast tokenizer) as a generation backend."""
 
     def __init__(
@@ -67,32 +67,17 @@ class HfBackend:
             raise ValueError(f"max_batch_sequences must be >= 1, got {max_batch_sequences}")
         self.max_batch_sequences = max_batch_sequences
         self._version = version
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollout-model")
-        self._thread_id = self._executor.submit(threading.get_ident).result()
+        super().__init__("rollout-model")
         try:
             self.run_on_model_thread(self._load, Path(model_dir), device, dtype, threads, max_model_len)
         except BaseException:
-            self._executor.shutdown(wait=False)
+            self.shutdown_thread(wait=False)
             raise
 
-    # -- threading -----------------------------------------------------------------------------
-
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
-        """Run fn on the model thread; called from the model thread itself, fn runs at once."""
-        if threading.get_ident() == self._thread_id:
-            future: Future[Any] = Future()
-            try:
-                future.set_result(fn(*args, **kwargs))
-            except BaseException as exc:  # handed to the caller through the future
-                future.set_exception(exc)
-            return future
-        return self._executor.submit(fn, *args, **kwargs)
-
-    def run_on_model_thread(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
-        return self.submit(fn, *args, **kwargs).result()
+    # -- closing ------------------------------------------------------------------------------------
 
     def close(self) -> None:
-        self._executor.shutdown(wait=True)
+        self.shutdown_thread(wait=True)
 
     # -- loading -------------------------------------------------------------------------------
 
@@ -103,14 +88,7 @@ class HfBackend:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-        if threads:
-            torch.set_num_threads(threads)
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"device {device} requested but no CUDA GPU is available")
-        if dtype == "auto":
-            dtype = "bfloat16" if device.startswith("cuda") else "float32"
+        device, dtype = resolve_device(device, dtype, threads)
         if not (model_dir / "config.json").is_file():
             raise ValueError(f"{model_dir} has no config.json: not a Hugging Face model dir")
         try:

@@ -45,15 +45,14 @@ import logging
 import math
 import secrets
 import tempfile
-import threading
-from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from services.common.errors import UserError
 from services.rollout.backend import (
     IncompatibleWeights,
+    ModelThread,
     Sample,
     SamplingConfig,
     WeightsSource,
@@ -121,7 +120,7 @@ def checkpoint_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-class VllmBackend:
+class VllmBackend(ModelThread):
     """A Hugging Face causal LM dir served by `vllm.LLM` as a generation backend (one CUDA GPU or
     `tensor_parallel_size` of them)."""
 
@@ -145,8 +144,7 @@ class VllmBackend:
         if tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {tensor_parallel_size}")
         self._version = version
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollout-vllm")
-        self._thread_id = self._executor.submit(threading.get_ident).result()
+        super().__init__("rollout-vllm")
         options = dict(
             gpu_memory_utilization=gpu_memory_utilization,
             tensor_parallel_size=tensor_parallel_size,
@@ -158,23 +156,10 @@ class VllmBackend:
         try:
             self.run_on_model_thread(self._load, Path(model_dir), options)
         except BaseException:
-            self._executor.shutdown(wait=False)
+            self.shutdown_thread(wait=False)
             raise
 
-    # -- threading (as HfBackend) ------------------------------------------------------------------
-
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
-        if threading.get_ident() == self._thread_id:
-            future: Future[Any] = Future()
-            try:
-                future.set_result(fn(*args, **kwargs))
-            except BaseException as exc:  # handed to the caller through the future
-                future.set_exception(exc)
-            return future
-        return self._executor.submit(fn, *args, **kwargs)
-
-    def run_on_model_thread(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
-        return self.submit(fn, *args, **kwargs).result()
+    # -- closing ------------------------------------------------------------------------------------
 
     def close(self) -> None:
         def shutdown() -> None:
@@ -184,7 +169,7 @@ class VllmBackend:
         try:
             self.run_on_model_thread(shutdown)
         finally:
-            self._executor.shutdown(wait=True)
+            self.shutdown_thread(wait=True)
 
     # -- loading -------------------------------------------------------------------------------
 
