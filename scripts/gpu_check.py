@@ -43,13 +43,15 @@ PROMPTS = [
 ]
 
 
-def check_prm(models: Path, atol: float = 0.05) -> dict[str, Any]:
+def check_prm(models: Path, atol: float = 0.05, engine_args: dict | None = None) -> dict[str, Any]:
     """(a) line scores of both PRM backends (hf float32 on the GPU vs vllm bfloat16)."""
     from services.prm.scorer import PrmScorer
     from services.prm.scorer_vllm import VllmPrmScorer
 
     hf = PrmScorer(models / "prm", device="cuda", dtype="float32")
-    vllm = VllmPrmScorer(models / "prm", gpu_memory_utilization=0.2, enforce_eager=True)
+    vllm = VllmPrmScorer(
+        models / "prm", gpu_memory_utilization=0.2, enforce_eager=True, engine_args=engine_args
+    )
     try:
         prepared_hf, prepared_vllm = hf.prepare(PRM_ITEMS), vllm.prepare(PRM_ITEMS)
         same_ids = [a.input_ids for a in prepared_hf] == [b.input_ids for b in prepared_vllm]
@@ -213,6 +215,10 @@ def main() -> int:
     parser.add_argument("--n", type=int, default=8, help="throughput: samples per prompt")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="throughput: response length cap")
     parser.add_argument("--tie-tol", type=float, default=0.05, help="(b): logit gap counted as a tie")
+    parser.add_argument("--eager", action="store_true", help="policy engine without CUDA graphs/compile")
+    parser.add_argument(
+        "--attention-backend", default=None, help="vLLM attention backend (e.g. TRITON_ATTN); default: vLLM's"
+    )
     args = parser.parse_args()
 
     import torch
@@ -220,10 +226,18 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("gpu_check: no CUDA GPU visible", file=sys.stderr)
         return 2
+    import vllm as vllm_module
+
     from services.rollout.backend_hf import HfBackend
     from services.rollout.backend_vllm import VllmBackend
 
-    report: dict[str, Any] = {"gpu": torch.cuda.get_device_name(0), "started": time.strftime("%F %T")}
+    report: dict[str, Any] = {
+        "gpu": torch.cuda.get_device_name(0),
+        "torch": torch.__version__,
+        "vllm": vllm_module.__version__,
+        "started": time.strftime("%F %T"),
+    }
+    print(f"gpu_check: {report}", flush=True)
     t0 = time.perf_counter()
 
     def record(name: str, fn: Any, *fn_args: Any) -> None:
@@ -237,8 +251,12 @@ def main() -> int:
         summary = {k: v for k, v in result.items() if not k.endswith("_scores")}
         print(f"{'PASS' if result['passed'] else 'FAIL'} {name}: {json.dumps(summary)}", flush=True)
 
-    record("a_prm_line_scores", check_prm, args.models)
-    vllm = VllmBackend(args.models / "policy", gpu_memory_utilization=0.3)
+    engine_args = {"attention_backend": args.attention_backend} if args.attention_backend else {}
+    report["vllm_engine"] = {"enforce_eager": args.eager, **engine_args}
+    record("a_prm_line_scores", check_prm, args.models, 0.05, engine_args)
+    vllm = VllmBackend(
+        args.models / "policy", gpu_memory_utilization=0.3, enforce_eager=args.eager, engine_args=engine_args
+    )
     hf = HfBackend(args.models / "policy", device="cuda", dtype="bfloat16", max_batch_sequences=256)
     reference = load_reference(args.models)
     record("b_greedy_same_tokens", check_greedy, vllm, hf, reference, 48, args.tie_tol)

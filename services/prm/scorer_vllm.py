@@ -34,7 +34,9 @@ class VllmPrmScorer(PrmScorer):
         gpu_memory_utilization: float = 0.3,
         tensor_parallel_size: int = 1,
         enforce_eager: bool = False,
+        engine_args: dict[str, Any] | None = None,
     ) -> None:
+        """engine_args: more `vllm.EngineArgs` keywords, as `VllmBackend`'s."""
         from services.rollout.backend_vllm import require_vllm
 
         require_vllm()
@@ -42,6 +44,7 @@ class VllmPrmScorer(PrmScorer):
             gpu_memory_utilization=gpu_memory_utilization,
             tensor_parallel_size=tensor_parallel_size,
             enforce_eager=enforce_eager,
+            **dict(engine_args or {}),
         )
         super().__init__(model_dir, device="cuda", dtype=dtype, threads=0, max_length=max_length)
 

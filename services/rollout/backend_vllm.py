@@ -97,7 +97,10 @@ class WeightSwapExtension:
             for file in files:
                 yield from load_file(file).items()
 
-        loaded = self.model_runner.model.load_weights(weights=weights())  # type: ignore[attr-defined]
+        runner = self.model_runner  # type: ignore[attr-defined]
+        # get_model() unwraps the CUDA-graph wrapper (vllm/v1/worker/gpu_model_runner.py)
+        model = runner.get_model() if hasattr(runner, "get_model") else runner.model
+        loaded = model.load_weights(weights=weights())
         return len(loaded) if loaded is not None else -1
 
 
@@ -135,9 +138,11 @@ class VllmBackend(ModelThread):
         seed: int = 0,
         enforce_eager: bool = False,
         version: int = 0,
+        engine_args: Mapping[str, Any] | None = None,
     ) -> None:
         """dtype: "auto" = bfloat16 (as `hf` on a GPU) or a vLLM dtype name; max_model_len: cap on
-        prompt + response tokens (0 = the model's own); enforce_eager: no CUDA graphs (faster start)."""
+        prompt + response tokens (0 = the model's own); enforce_eager: no CUDA graphs (faster start);
+        engine_args: more `vllm.EngineArgs` keywords (e.g. {"attention_backend": "TRITON_ATTN"})."""
         require_vllm()
         if not 0 < gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
@@ -152,6 +157,7 @@ class VllmBackend(ModelThread):
             dtype=dtype,
             seed=seed,
             enforce_eager=enforce_eager,
+            **dict(engine_args or {}),
         )
         try:
             self.run_on_model_thread(self._load, Path(model_dir), options)
