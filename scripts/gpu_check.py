@@ -194,10 +194,13 @@ def check_logprobs(vllm: Any, reference: Any, atol: float = 0.1) -> dict[str, An
     }
 
 
-def throughput(backend: Any, prompts: int, n: int, max_new_tokens: int) -> dict[str, Any]:
+def throughput(
+    backend: Any, prompts: int, n: int, max_new_tokens: int, seed: int | None = 3
+) -> dict[str, Any]:
+    """Generated tokens/s; seed=None: an unseeded task (vLLM then samples all requests batched)."""
     from services.rollout.backend import SamplingConfig
 
-    params = SamplingConfig(temperature=1.0, max_new_tokens=max_new_tokens, seed=3)
+    params = SamplingConfig(temperature=1.0, max_new_tokens=max_new_tokens, seed=seed)
     batch = [PROMPTS[i % len(PROMPTS)] + f"# variant {i}\n" for i in range(prompts)]
     backend.generate(batch[:2], 1, SamplingConfig(temperature=1.0, max_new_tokens=8))  # warm-up
     start = time.perf_counter()
@@ -263,7 +266,9 @@ def main() -> int:
     record("d_logprobs_vs_teacher_forced", check_logprobs, vllm, reference)
     rows = {}
     for name, backend in (("hf", hf), ("vllm", vllm)):
-        rows[name] = throughput(backend, args.prompts, args.n, args.max_new_tokens)
+        for seed in (3, None):
+            label = f"{name}, {'seeded' if seed is not None else 'unseeded'}"
+            rows[label] = throughput(backend, args.prompts, args.n, args.max_new_tokens, seed)
     report["throughput"] = rows
     record("c_hot_swap", check_hot_swap, vllm, args.models)  # last: it changes the weights
     report["total_seconds"] = round(time.perf_counter() - t0, 1)

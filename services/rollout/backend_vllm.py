@@ -330,7 +330,7 @@ class VllmBackend(ModelThread):
     ) -> list[list[Sample]]:
         return self.run_on_model_thread(self._generate, prompts, n, params, seeds)
 
-    def _sampling_params(self, params: SamplingConfig, seed: int) -> Any:
+    def _sampling_params(self, params: SamplingConfig, seed: int | None) -> Any:
         from vllm import SamplingParams
 
         identity = params.temperature == 1 and params.top_k == 0 and params.top_p == 1
@@ -340,7 +340,7 @@ class VllmBackend(ModelThread):
             top_p=params.top_p,
             top_k=params.top_k if params.top_k > 0 else -1,  # -1: off (0 is also off in recent releases)
             max_tokens=params.max_new_tokens,
-            seed=None if params.greedy else seed,
+            seed=None if params.greedy else seed,  # None: vLLM's batched sampling (not reproducible)
             stop=list(params.stop) or None,
             stop_token_ids=sorted(self.eos_token_ids),
             skip_special_tokens=False,  # as hf: special tokens decode to their text (stop strings too)
@@ -368,8 +368,16 @@ class VllmBackend(ModelThread):
         base_seed = params.seed if params.seed is not None else secrets.randbits(63)
         jobs = [(i, j) for i in range(len(prompt_ids)) for j in range(n)]
         requests = [{"prompt_token_ids": prompt_ids[i]} for i, _ in jobs]
+        # A request with a seed gets its own generator in vLLM's sampler (sampled one request at a time);
+        # one that nobody asked to be reproducible (no task seed, no prompt seed) is sampled batched.
         sampling = [
-            self._sampling_params(params, HfBackend._sequence_seed(base_seed, seeds, i, j)) for i, j in jobs
+            self._sampling_params(
+                params,
+                HfBackend._sequence_seed(base_seed, seeds, i, j)
+                if params.seed is not None or (seeds is not None and seeds[i] is not None)
+                else None,
+            )
+            for i, j in jobs
         ]
         outputs = self.llm.generate(requests, sampling_params=sampling, use_tqdm=False)
         results: list[list[Sample]] = [[] for _ in prompt_ids]
