@@ -133,7 +133,8 @@ class ChildJob:
 def _compile_program(code: str, filename: str, channel: Channel) -> Any:
     _SOURCE[filename] = code
     try:
-        return compile(code, filename, "exec")
+        # dont_inherit: the program gets no __future__ flag of this module (annotations stay evaluated)
+        return compile(code, filename, "exec", dont_inherit=True)
     except MemoryError:
         channel.send(MEMORY)
         _finish(1)

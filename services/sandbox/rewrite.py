@@ -81,7 +81,7 @@ def _compile(node: ast.stmt | ast.Module, filename: str) -> object:
     module = node if isinstance(node, ast.Module) else ast.Module([node], [])
     ast.fix_missing_locations(module)
     try:
-        return compile(module, filename, "exec")
+        return compile(module, filename, "exec", dont_inherit=True)  # not this module's __future__ flags
     except (SyntaxError, ValueError, RecursionError) as exc:
         raise InvalidTestCode(f"test code does not compile: {type(exc).__name__}: {exc}") from None
 

@@ -212,3 +212,17 @@ def test_common_modules_are_preloaded_and_importable(sandbox: Sandbox):
     assert sandbox.run(code, AssertTests("assert fractions.Fraction(1, 2) == 0.5\n")).passed
     blocked = sandbox.run("import ctypes\n", AssertTests("assert True\n"))
     assert blocked.status is Status.ERROR and "ctypes" in blocked.detail
+
+
+def test_program_and_tests_compile_as_plain_python_not_with_the_harness_future_flags(sandbox: Sandbox):
+    # The harness modules use `from __future__ import annotations`; compile() would hand that flag to the
+    # program and the tests unless told not to, and annotations would silently become strings.
+    code = "def f(x: int) -> int:\n    return x\nKIND = f.__annotations__['x']\n"
+    tests = "def g(y: float):\n    pass\nassert KIND is int\nassert g.__annotations__['y'] is float\n"
+    result = sandbox.run(code, AssertTests(tests))
+    assert result.passed and result.tests_total == 2, result
+    script = sandbox.run(
+        "def f(x: int):\n    pass\nprint(f.__annotations__['x'] is int)\n",
+        StdioTests([StdioCase("", "True\n")]),
+    )
+    assert script.passed, script
