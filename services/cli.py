@@ -20,20 +20,53 @@ app = typer.Typer(
 models_app = typer.Typer(no_args_is_help=True, help="Build models.")
 serve_app = typer.Typer(no_args_is_help=True, help="Run a service (HTTP + gRPC).")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (figures go in the README).")
+eval_app = typer.Typer(no_args_is_help=True, help="Evaluate models.")
 app.add_typer(models_app, name="models")
 app.add_typer(serve_app, name="serve")
 app.add_typer(bench_app, name="bench")
+app.add_typer(eval_app, name="eval")
+tasks_app = typer.Typer(no_args_is_help=True, help="Task sets.")
+app.add_typer(tasks_app, name="tasks")
+
+
+@tasks_app.command("mini")
+def tasks_mini(
+    out: Annotated[Path, typer.Option(help="writes OUT/train.jsonl, test.jsonl, sft.jsonl, mini.json")],
+    seed: int = 0,
+    test_per_family: Annotated[int, typer.Option(min=1)] = 24,
+    n_sft: Annotated[int, typer.Option(min=1, help="SFT (prompt, solution) pairs")] = 4000,
+    max_steps: Annotated[int, typer.Option(min=1, max=20, help="longest pipeline task, in steps")] = 8,
+) -> None:
+    """The miniature benchmark (trainer/tasks/mini.py): seeded tasks with unit tests and SFT pairs."""
+    import json
+
+    from trainer.tasks.mini import write
+
+    typer.echo(json.dumps(write(out, seed, test_per_family, n_sft, max_steps), indent=2))
 
 
 def _add_trainer_commands() -> None:
-    """`psgpo train ppo|sft` and `psgpo plot` (trainer/cli_train.py imports its heavy parts lazily)."""
+    """`psgpo train ppo|sft|prm`, `psgpo eval prm` and `psgpo plot` (the trainer's CLI modules import their
+    heavy parts lazily)."""
+    from trainer.cli_prm import PASS_THROUGH, prm_eval_command
     from trainer.cli_train import plot, train_app
 
     app.add_typer(train_app, name="train")
     app.command("plot")(plot)
+    eval_app.command("prm", context_settings=PASS_THROUGH, add_help_option=False)(prm_eval_command)
 
 
 _add_trainer_commands()
+
+
+def _add_label_commands() -> None:
+    """`psgpo label [run|sample|select]` (trainer/cli_label.py imports trainer/label.py only when run)."""
+    from trainer.cli_label import label_app
+
+    app.add_typer(label_app, name="label")
+
+
+_add_label_commands()
 
 
 def _given(**kwargs: Any) -> dict[str, Any]:
@@ -48,14 +81,26 @@ def models_tiny(
     num_layers: Annotated[int, typer.Option(min=1, max=64)] = 4,
     vocab_size: Annotated[int, typer.Option(min=300, max=65536)] = 2048,
     seed: int = 0,
+    extra_corpus: Annotated[
+        str, typer.Option(help="none, or mini: also train the tokenizer on miniature-benchmark code")
+    ] = "none",
 ) -> None:
     """Build a tiny policy (causal LM) and PRM (token classifier, 1 label) with a shared tokenizer."""
     from trainer.models.tiny import TinyConfig, build_tiny
 
     if hidden_size % 4:
         raise UserError("--hidden-size must be a multiple of 4 (4 attention heads)")
+    if extra_corpus not in ("none", "mini"):
+        raise UserError(f"--extra-corpus must be none or mini, got {extra_corpus!r}")
+    extra = None
+    if extra_corpus == "mini":
+        from trainer.tasks.mini import corpus
+
+        extra = corpus(400) * 3  # weight: the stdlib corpus is much larger
     summary = build_tiny(
-        out, TinyConfig(vocab_size=vocab_size, hidden_size=hidden_size, num_layers=num_layers, seed=seed)
+        out,
+        TinyConfig(vocab_size=vocab_size, hidden_size=hidden_size, num_layers=num_layers, seed=seed),
+        extra_corpus=extra,
     )
     for name in ("policy", "prm"):
         typer.echo(f"{name}: {summary[name]['path']} ({summary[name]['parameters']:,} parameters)")
@@ -181,6 +226,22 @@ def bench_pipeline(
     from services.rollout.bench import run_bench
 
     run_bench(out=out, models=models, quick=quick)
+
+
+@bench_app.command("load")
+def bench_load(
+    service: Annotated[str, typer.Option(help="prm, sandbox or both")] = "both",
+    seconds: Annotated[float, typer.Option(min=2, max=3600, help="seconds of load per service")] = 60.0,
+    out: Annotated[Path, typer.Option(help="dir for bench_load.json / .md")] = Path("runs/bench"),
+    model: Annotated[Path | None, typer.Option(help="PRM dir; default: build a tiny one")] = None,
+) -> None:
+    """Stepped load at 1x-8x capacity (services/loadtest.py): throughput, latency, shedding, memory."""
+    from services.loadtest import Plan, run_load
+
+    if service not in ("prm", "sandbox", "both"):
+        raise UserError(f"--service must be prm, sandbox or both, got {service!r}")
+    names = ["prm", "sandbox"] if service == "both" else [service]
+    run_load(out, names, Plan.for_seconds(seconds), model_dir=model)
 
 
 @app.command("demo")

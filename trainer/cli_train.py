@@ -1,4 +1,4 @@
-"""`psgpo train ppo|sft` and `psgpo plot`: the trainer's commands.
+"""`psgpo train ppo|sft|prm` and `psgpo plot`: the trainer's commands.
 
 The arguments dataclasses (`PPOArgs`, `SFTArgs`) are the one source of truth: every field becomes a
 `--kebab-case` flag whose help is the field's docstring (what CleanRL gets from tyro). The typer
@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import typer
+
+from trainer.cli_prm import prm_train_command
 
 D = TypeVar("D")
 
@@ -156,7 +158,7 @@ def run_sft(argv: Sequence[str] | None = None) -> None:
 
 # ---- typer wiring ------------------------------------------------------------------------------------
 
-train_app = typer.Typer(no_args_is_help=True, help="Train: PPO (RLTF / PSGPO) and SFT.")
+train_app = typer.Typer(no_args_is_help=True, help="Train: PPO (RLTF / PSGPO), SFT and the PRM.")
 _PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
 
 
@@ -170,6 +172,10 @@ def ppo_command(ctx: typer.Context) -> None:
 def sft_command(ctx: typer.Context) -> None:
     """Supervised fine-tuning on (prompt, solution) JSONL, loss on solution tokens (--help)."""
     run_sft(ctx.args)
+
+
+# trainer/cli_prm.py: PRM training on labelled JSONL (flags from PrmTrainArgs)
+train_app.command("prm", context_settings=_PASS_THROUGH, add_help_option=False)(prm_train_command)
 
 
 def plot(
