@@ -64,6 +64,18 @@ stamp "5/7 train the PRM on the training tasks' labels"
 "$P" train prm --data "$OUT/labels-train.jsonl" --model "$OUT/sft" --out "$OUT/prm" --epochs 8 --lr 1e-3 \
   --batch-size 16 > "$OUT/logs/prm_train.log" 2>&1
 tail -1 "$OUT/logs/prm_train.log"
-stamp "6/7 evaluate on the held-out tasks' labels"
-"$P" eval prm --data "$OUT/labels-test.jsonl" --model "$OUT/prm" --out "$OUT/prm_eval"
+stamp "6/7 evaluate on the held-out tasks' labels and best-of-$N on their samples"
+"$PY" - "$OUT" <<'EOF2'
+import json, sys
+out = sys.argv[1]
+groups = {}
+for line in open(f"{out}/samples-test.jsonl"):
+    row = json.loads(line)
+    group = groups.setdefault(row["task_id"], {"task_id": row["task_id"], "prompt": row["prompt"], "samples": []})
+    group["samples"].append({"response": row["response"], "passed": row["passed"], "logprob": row.get("logprob")})
+with open(f"{out}/groups-test.jsonl", "w") as f:
+    f.writelines(json.dumps(g) + "\n" for g in groups.values())
+EOF2
+"$P" eval prm --data "$OUT/labels-test.jsonl" --groups "$OUT/groups-test.jsonl" --model "$OUT/prm" \
+  --out "$OUT/prm_eval"
 stamp "7/7 done: $OUT/prm_eval/prm_eval.json"

@@ -1208,6 +1208,7 @@ def _sample(args: SampleArgs, run_name: str, specs: Sequence[Any]) -> int:
                         "response": traj.response,
                         "tests": tests_to_dict(parse_tests(spec.tests)),
                         "checkpoint": args.checkpoint or f"v{traj.policy_version}",
+                        "logprob": float(sum(traj.logprobs)),  # the policy's log-likelihood of the response
                     }
                     if traj.HasField("verdict"):  # else the label job asks the sandbox
                         row["passed"] = bool(traj.verdict.passed)

@@ -5,7 +5,7 @@ Why this family (DESIGN.md, "Measured on a 2-core ... machine"): a tiny model le
 single-token copies fast, and long copy chains slowly. So every task is a template whose function
 name carries its parameters (`count_above_7`, `clamp_2_8`, `apply_add3_mul2_sub1`): the body is fixed
 by the family, and each parameter is one digit the model must copy from the name into the right line.
-Solutions run from 3 to 12 lines; the `pipeline` and `stats` families are the long ones (their
+Solutions run from 2 to 10 lines; the `pipeline` and `stats` families are the long ones (their
 length grows with `steps`), and mistakes happen mid-program (a wrong digit on line 4 of 7), which is
 what line-level credit is for. Held-out tasks use parameter combinations never seen in training, so
 passing them needs the copy, not memorisation.
