@@ -244,6 +244,60 @@ def bench_load(
     run_load(out, names, Plan.for_seconds(seconds), model_dir=model)
 
 
+@bench_app.command("chaos")
+def bench_chaos(
+    out: Annotated[Path, typer.Option(help="dir for chaos.json / chaos.md")] = Path("runs/chaos"),
+    scenarios: Annotated[str, typer.Option(help="comma-separated; default: all (services/chaos.py)")] = "",
+    models: Annotated[Path | None, typer.Option(help="dir with policy/ and prm/ (default: build)")] = None,
+    timeout_s: Annotated[float, typer.Option(min=30, max=3600, help="bound per scenario")] = 240.0,
+) -> None:
+    """Fault injection on a real local stack: kills, restarts, dropped connections; lost / duplicated."""
+    from services.chaos import run_chaos
+
+    names = [name.strip() for name in scenarios.split(",") if name.strip()] or None
+    failed = [o.scenario for o in run_chaos(out, names, models, timeout_s) if not o.ok]
+    if failed:
+        raise UserError(f"chaos: scenario(s) failed: {', '.join(failed)} (see {out / 'chaos.json'})")
+
+
+@app.command("up")
+def up(
+    data_dir: Annotated[Path, typer.Option(help="Redis data, logs, up.json; rerun with it to resume")] = Path(
+        "runs/up"
+    ),
+    policy: Annotated[Path | None, typer.Option(help="policy dir; default DATA/models/policy (tiny)")] = None,
+    prm: Annotated[Path | None, typer.Option(help="PRM dir; default DATA/models/prm (tiny)")] = None,
+    no_prm: Annotated[bool, typer.Option(help="no PRM service (RLTF-only workers)")] = False,
+    run: Annotated[str, typer.Option(help="run name: workers read psgpo:{run}:tasks")] = "default",
+    workers: Annotated[int, typer.Option(min=1, max=64, help="rollout worker processes")] = 1,
+    redis_url: Annotated[
+        str | None, typer.Option(envvar="REDIS_URL", help="existing Redis [REDIS_URL]; default: embedded")
+    ] = None,
+    redis_port: Annotated[int, typer.Option(min=0, max=65535, help="embedded Redis port")] = 6379,
+    any_ports: Annotated[bool, typer.Option(help="free ports instead of 8001/8002/50051/50052/6379")] = False,
+) -> None:
+    """The whole stack on this machine: Redis (embedded, AOF), sandbox, PRM, rollout workers; Ctrl-C stops."""
+    from services.up import UpConfig, run_up
+
+    models = data_dir / "models"
+    if (policy is None or (prm is None and not no_prm)) and not (models / "policy" / "config.json").is_file():
+        from trainer.models.tiny import build_tiny
+
+        typer.echo(f"psgpo up: no --policy/--prm given: building tiny models in {models}")
+        build_tiny(models)
+    cfg = UpConfig(
+        data_dir=data_dir,
+        policy=policy or models / "policy",
+        prm=None if no_prm else (prm or models / "prm"),
+        run=run,
+        workers=workers,
+        redis_url=redis_url,
+        redis_port=0 if any_ports else redis_port,
+        **({"sandbox_ports": (0, 0), "prm_ports": (0, 0)} if any_ports else {}),
+    )
+    raise typer.Exit(run_up(cfg))
+
+
 @app.command("demo")
 def demo(
     out: Annotated[Path, typer.Option(help="output dir")] = Path("runs/demo"),
