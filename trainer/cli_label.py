@@ -1,4 +1,5 @@
-"""`psgpo label [run|sample|select]`: binary-search prefix labelling (trainer/label.py).
+"""`psgpo label [run|sample|select]`: binary-search prefix labelling (trainer/label.py,
+trainer/label_job.py, trainer/label_sample.py).
 
 Every field of `LabelArgs`, `SampleArgs` and `SelectArgs` is a `--kebab-case` flag whose help is the
 field's docstring (the parser of trainer/cli_train.py). `psgpo label ARGS` is `psgpo label run ARGS`.
@@ -45,7 +46,7 @@ def _setup_logging() -> None:
 @label_app.command("run", context_settings=_PASS_THROUGH, add_help_option=False)
 def run_command(ctx: typer.Context) -> None:
     """Label responses by binary search over line prefixes (probes via run <run>-label) (--help)."""
-    from trainer.label import LabelArgs, label
+    from trainer.label_job import LabelArgs, label
 
     args: Any = parse_dataclass(LabelArgs, ctx.args, "psgpo label run")
     _setup_logging()
@@ -55,7 +56,7 @@ def run_command(ctx: typer.Context) -> None:
 @label_app.command("sample", context_settings=_PASS_THROUGH, add_help_option=False)
 def sample_command(ctx: typer.Context) -> None:
     """Make the input: n samples per task from the workers of run <run>-sample (--help)."""
-    from trainer.label import SampleArgs, sample
+    from trainer.label_sample import SampleArgs, sample
 
     args: Any = parse_dataclass(SampleArgs, ctx.args, "psgpo label sample")
     _setup_logging()
@@ -65,7 +66,7 @@ def sample_command(ctx: typer.Context) -> None:
 @label_app.command("select", context_settings=_PASS_THROUGH, add_help_option=False)
 def select_command(ctx: typer.Context) -> None:
     """Write one data strategy's training set (full, revised-only, remove-hard, medium-only) (--help)."""
-    from trainer.label import SelectArgs, select
+    from trainer.label_sample import SelectArgs, select
 
     args: Any = parse_dataclass(SelectArgs, ctx.args, "psgpo label select")
     select(args)

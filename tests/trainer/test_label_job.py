@@ -32,16 +32,10 @@ from services.common.runner import Running, start_in_thread
 from services.common.streams import connect
 from services.sandbox.config import SandboxSettings
 from services.sandbox.server import make_factory as sandbox_factory
-from trainer.label import (
-    LabelArgs,
-    LabelStopped,
-    SampleArgs,
-    binary_search_last_correct,
-    label,
-    labels_for,
-    read_jsonl,
-    sample,
-)
+from trainer.label import binary_search_last_correct, labels_for, read_jsonl
+from trainer.label_job import LabelArgs, label
+from trainer.label_probes import LabelStopped
+from trainer.label_sample import SampleArgs, sample
 
 RUN = "lt"  # the worker process serves run "lt-label"
 SQ = {"kind": "assert", "code": "assert f(3) == 9\n"}
