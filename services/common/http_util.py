@@ -5,12 +5,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -21,8 +23,10 @@ log = logging.getLogger(__name__)
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
-class JSONBytes(Response):
-    """JSON rendered by orjson (FastAPI's ORJSONResponse is deprecated); NaN/inf become null."""
+class JSONBytes(JSONResponse):
+    """JSON rendered by orjson (FastAPI's ORJSONResponse is deprecated); NaN/inf become null. A
+    JSONResponse subclass: with any other Response class FastAPI documents every route's 200 body in
+    the OpenAPI schema as a string instead of its response_model."""
 
     media_type = "application/json"
 
@@ -37,6 +41,25 @@ class ApiError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
+
+
+class ErrorOut(BaseModel):
+    error: str = Field(description="what was wrong, one line")
+
+
+# The error answers a POST route can give, all `{"error": "..."}`, for its OpenAPI entry (FastAPI would
+# otherwise document 422 as its own validation-error shape, which these services never send).
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorOut, "description": why}
+    for status, why in [
+        (400, "the body is not valid JSON or not UTF-8"),
+        (401, "missing or invalid bearer token (when auth is on)"),
+        (413, "over a size limit"),
+        (422, "missing, mistyped or malformed fields"),
+        (429, "overloaded: retry later"),
+        (503, "not ready, or no answer could be produced: retry later"),
+    ]
+}
 
 
 def error_response(status: int, message: str) -> JSONBytes:

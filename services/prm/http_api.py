@@ -8,7 +8,7 @@ from fastapi import APIRouter, FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic import StrictStr as Str
 
-from services.common.http_util import JSONBytes
+from services.common.http_util import ERROR_RESPONSES, JSONBytes
 from services.prm.core import PrmCore
 
 
@@ -58,7 +58,7 @@ class RewardResponse(BaseModel):
 def build_router(core: PrmCore) -> APIRouter:
     router = APIRouter(strict_content_type=False)
 
-    @router.post("/v1/score", response_model=ScoreResponse, tags=["prm"])
+    @router.post("/v1/score", response_model=ScoreResponse, tags=["prm"], responses=ERROR_RESPONSES)
     async def score(req: ScoreRequest) -> JSONBytes:
         """Score every line of each response from one forward pass per response."""
         results = await core.score([(it.prompt, it.response) for it in req.items], req.aggregate)
@@ -84,7 +84,7 @@ def build_router(core: PrmCore) -> APIRouter:
         }
         return JSONBytes(body)
 
-    @router.post("/get_reward", response_model=RewardResponse, tags=["openrlhf"])
+    @router.post("/get_reward", response_model=RewardResponse, tags=["openrlhf"], responses=ERROR_RESPONSES)
     async def get_reward(req: RewardRequest) -> JSONBytes:
         """OpenRLHF's remote reward protocol: one scalar per query (the configured line aggregate)."""
         rewards = await core.get_reward(req.query, req.prompts)

@@ -6,11 +6,11 @@ from typing import Annotated, Any, Literal
 
 import orjson
 from fastapi import APIRouter, FastAPI
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
-from services.common.http_util import ApiError, install_common, refresh_known_paths
+from services.common.http_util import ERROR_RESPONSES, ApiError, install_common, refresh_known_paths
 from services.sandbox.core import SandboxCore, SandboxFailure
 from services.sandbox.fusion import LANGUAGES, fusion_response
 from services.sandbox.model import (
@@ -25,8 +25,9 @@ from services.sandbox.model import (
 )
 
 
-class JsonResponse(Response):
-    """orjson-rendered JSON (FastAPI deprecates its own JsonResponse)."""
+class JsonResponse(JSONResponse):
+    """orjson-rendered JSON (FastAPI deprecates its own JsonResponse). A JSONResponse subclass, so that
+    FastAPI documents each route's response_model in the OpenAPI schema (not a string)."""
 
     media_type = "application/json"
 
@@ -125,7 +126,7 @@ def _tests(spec: AssertIn | HumanEvalIn | StdioIn | CallIn) -> TestSpec:
 def build_router(core: SandboxCore) -> APIRouter:
     router = APIRouter()
 
-    @router.post("/v1/run", response_model=RunOut, tags=["sandbox"])
+    @router.post("/v1/run", response_model=RunOut, tags=["sandbox"], responses=ERROR_RESPONSES)
     async def run(body: RunIn) -> JsonResponse:
         """Run a program against its tests; the verdict comes from the trusted harness."""
         try:
@@ -134,7 +135,7 @@ def build_router(core: SandboxCore) -> APIRouter:
             raise ApiError(503, str(exc)) from None
         return JsonResponse(result.to_dict())
 
-    @router.post("/v1/run/batch", response_model=BatchOut, tags=["sandbox"])
+    @router.post("/v1/run/batch", response_model=BatchOut, tags=["sandbox"], responses=ERROR_RESPONSES)
     async def run_batch(body: BatchIn) -> JsonResponse:
         """Many runs; results in request order, concurrency bounded by the worker pool."""
         try:
@@ -143,7 +144,7 @@ def build_router(core: SandboxCore) -> APIRouter:
             raise ApiError(503, str(exc)) from None
         return JsonResponse({"results": [r.to_dict() for r in results]})
 
-    @router.post("/run_code", tags=["sandboxfusion"])
+    @router.post("/run_code", tags=["sandboxfusion"], responses=ERROR_RESPONSES)
     async def run_code(body: RunCodeIn) -> JsonResponse:
         """SandboxFusion-compatible subset: run Python code as a script (with stdin)."""
         if body.language not in LANGUAGES:
