@@ -67,12 +67,26 @@ def error_response(status: int, message: str) -> JSONBytes:
 
 
 class GuardMiddleware:
-    """Pure ASGI: bearer auth (except health/metrics) and a hard cap on request body size."""
+    """Pure ASGI: bearer auth (except health/metrics), load shedding, a hard cap on request body size.
 
-    def __init__(self, app: ASGIApp, max_body: int, token: str | None) -> None:
+    Shedding happens here, before the body is read, parsed and validated: when `full()` says the
+    service's queue is full, a POST gets 429 at once. Beyond capacity a refusal must cost next to
+    nothing, or refusals compete with the work (measured: shed p99 2.1 s at 8x load on 2 cores when
+    the refusal came after parsing; docs/reliability.md)."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_body: int,
+        token: str | None,
+        full: Callable[[], bool] | None = None,
+        on_shed: Callable[[], None] | None = None,
+    ) -> None:
         self.app = app
         self.max_body = max_body
         self.token = token
+        self.full = full
+        self.on_shed = on_shed
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -82,6 +96,13 @@ class GuardMiddleware:
         if scope["path"] not in OPEN_PATHS and not bearer_ok(headers.get("authorization"), self.token):
             resp = error_response(401, "missing or invalid bearer token")
             resp.headers["WWW-Authenticate"] = "Bearer"
+            await resp(scope, receive, send)
+            return
+        if self.full is not None and scope.get("method") == "POST" and self.full():
+            if self.on_shed is not None:
+                self.on_shed()
+            resp = error_response(429, "overloaded: the queue is full; retry later")
+            resp.headers["Retry-After"] = "1"
             await resp(scope, receive, send)
             return
         declared = headers.get("content-length")
@@ -139,8 +160,10 @@ def install_common(
     max_body: int,
     token: str | None,
     ready: Callable[[], bool],
+    full: Callable[[], bool] | None = None,
 ) -> None:
-    """Health, readiness, metrics, error handlers, request metrics, guards."""
+    """Health, readiness, metrics, error handlers, request metrics, guards (`full`: the service's queue
+    is full; POSTs are then shed with 429 before their body is read)."""
     requests = Counter(
         "http_requests_total", "HTTP requests", ["service", "route", "status"], registry=registry
     )
@@ -195,7 +218,10 @@ def install_common(
     async def metrics() -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
-    app.add_middleware(GuardMiddleware, max_body=max_body, token=token)
+    shed = Counter("http_shed_total", "POSTs refused with 429 before parsing", ["service"], registry=registry)
+    app.add_middleware(
+        GuardMiddleware, max_body=max_body, token=token, full=full, on_shed=shed.labels(service).inc
+    )
     refresh_known_paths(app)
 
 

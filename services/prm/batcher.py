@@ -84,6 +84,10 @@ class DynamicBatcher(Generic[In, Out]):
         if self._own_executor:
             self._executor.shutdown(wait=True)
 
+    def full(self) -> bool:
+        """No item fits in the queue now."""
+        return len(self._pool) >= self.max_queue_items
+
     async def submit(self, items: Sequence[In]) -> list[Out]:
         """Queue all items of one request; results come back in order. Raises Overloaded when full."""
         if self._closing or self._task is None:

@@ -120,6 +120,8 @@ def create_app(core: PrmCore, registry, token: str | None) -> FastAPI:  # regist
         strict_content_type=False,
     )
     app.include_router(build_router(core))
-    install_common(app, registry, "prm", core.settings.max_request_bytes, token, lambda: core.ready)
+    install_common(
+        app, registry, "prm", core.settings.max_request_bytes, token, lambda: core.ready, core.batcher.full
+    )
     refresh_known_paths(app)
     return app

@@ -189,6 +189,10 @@ class SandboxCore:
         self.metrics.run_seconds.observe(run.duration_ms / 1000.0)
         return run
 
+    def full(self) -> bool:
+        """No run can be admitted now (the HTTP guard sheds before parsing)."""
+        return self.pool.stats.waiting >= self.settings.max_queue
+
     def _admit(self, n: int) -> None:
         if not self.ready:
             self.metrics.rejected.labels("not_ready").inc()

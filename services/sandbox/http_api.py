@@ -200,6 +200,8 @@ def create_app(core: SandboxCore, registry: CollectorRegistry, token: str | None
         default_response_class=JsonResponse,
     )
     app.include_router(build_router(core))
-    install_common(app, registry, "sandbox", core.settings.max_request_bytes, token, lambda: core.ready)
+    install_common(
+        app, registry, "sandbox", core.settings.max_request_bytes, token, lambda: core.ready, core.full
+    )
     refresh_known_paths(app)
     return app
