@@ -35,6 +35,10 @@ bench: setup
 	$(BIN)/psgpo bench sandbox --out runs/bench
 	$(BIN)/psgpo bench pipeline --out runs/bench
 
+.PHONY: chaos
+chaos: setup  # the fault-injection suite (docs/chaos.md): table in runs/chaos/chaos.md
+	$(BIN)/psgpo bench chaos --out runs/chaos
+
 protos: setup
 	$(BIN)/python protos/generate.py
 

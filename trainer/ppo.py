@@ -652,8 +652,8 @@ def train(args: PPOArgs, stop: Callable[[], bool] | None = None) -> TrainResult:
         if publish_now:
             weights = full_state_dict(policy, dist, args)  # every rank gathers under FSDP
             if dist.main:
-                assert publisher is not None
-                publisher.publish(state.policy_version, weights)
+                assert publisher is not None and source is not None
+                source.publish(publisher, state.policy_version, weights)  # rides out a Redis restart
             del weights
         state.committed = []
         progress.update(1)

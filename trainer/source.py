@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from trainer.ppo import PPOArgs
 
 log = logging.getLogger(__name__)
+REDIS_ATTEMPTS = 10  # jittered backoff up to 5 s a try: rides out a Redis restart of several seconds
 
 
 # =====================================================================================================
@@ -75,9 +76,12 @@ class Collected:
 
 
 def ack_deliveries(consumer: Any, deliveries: Sequence[Any]) -> None:
-    """XACK + record the trajectory ids as consumed (one MULTI, `StreamConsumer.ack`)."""
+    """XACK + record the trajectory ids as consumed (one MULTI, `StreamConsumer.ack`); idempotent, so it
+    is retried through a Redis restart (`REDIS_ATTEMPTS`)."""
+    from services.common.streams import with_backoff
+
     if deliveries:
-        consumer.ack(*deliveries)
+        with_backoff(lambda: consumer.ack(*deliveries), attempts=REDIS_ATTEMPTS, what="acknowledging")
 
 
 class TrajectorySource:
@@ -135,6 +139,8 @@ class TrajectorySource:
         stop: Callable[[], bool] | None = None,
     ) -> Collected:
         """Exactly `n` usable trajectories; stale and unusable ones are counted (and held for the ack)."""
+        from services.common.streams import RETRYABLE
+
         out = Collected([])
         t0 = time.perf_counter()
         deadline = time.monotonic() + self.args.batch_timeout_s
@@ -148,9 +154,16 @@ class TrajectorySource:
                     f"(run {self.args.run!r}; are rollout workers running? skipped: {dict(out.skipped)}, "
                     f"stale: {out.dropped_stale})"
                 )
-            out.tasks_enqueued += self.top_up(n - len(out.trajectories))
-            for delivery in self.consumer.read(count=min(64, n - len(out.trajectories)), block_ms=1000):
-                if delivery.id in self._held_ids:  # our own held entry, reclaimed after claim_idle_ms
+            try:
+                out.tasks_enqueued += self.top_up(n - len(out.trajectories))
+                deliveries = self.consumer.read(count=min(64, n - len(out.trajectories)), block_ms=1000)
+            except RETRYABLE as exc:  # Redis restarting: wait (bounded by the deadline above), read again
+                log.warning("Redis unavailable while collecting (%s); retrying", exc)
+                self.consumer.rewind()  # entries delivered in a lost reply are ours: read them again
+                time.sleep(1.0)
+                continue
+            for delivery in deliveries:
+                if delivery.id in self._held_ids:  # held already: reclaimed after claim_idle_ms, or re-read
                     continue
                 self.held.append(delivery)
                 self._held_ids.add(delivery.id)
@@ -177,4 +190,26 @@ class TrajectorySource:
 
     def keepalive(self) -> None:
         """Held entries stay ours (reset their idle time, so nobody reclaims them before the commit)."""
-        self.consumer.keepalive(*self.held)
+        from services.common.streams import with_backoff
+
+        with_backoff(lambda: self.consumer.keepalive(*self.held), attempts=REDIS_ATTEMPTS, what="keepalive")
+
+    def publish(self, publisher: Any, version: int, weights: Any) -> None:
+        """`publisher.publish(version, weights)` through a Redis restart. The publish refuses a version
+        that is not newer, so a retry after an attempt whose reply was lost finds its version already
+        announced: that attempt landed (this trainer is the run's only publisher)."""
+        from services.common.streams import with_backoff
+        from services.common.weights import read_policy
+
+        tried = False
+
+        def once() -> None:
+            nonlocal tried
+            if tried:
+                current = read_policy(self.r, self.args.run)
+                if current is not None and current.version == version:
+                    return
+            tried = True
+            publisher.publish(version, weights)
+
+        with_backoff(once, attempts=REDIS_ATTEMPTS, what=f"publishing policy v{version}")
