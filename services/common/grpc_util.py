@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -106,8 +107,10 @@ def build_server(
     port: int,
     token: str | None,
     max_message_bytes: int,
+    tls: tuple[Path, Path] | None = None,
 ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
-    """An aio server with the given servicers, health checking and reflection, bound to host:port."""
+    """An aio server with the given servicers, health checking and reflection, bound to host:port
+    (over TLS when `tls` = (certificate PEM, key PEM) is given)."""
     interceptors: list[grpc.aio.ServerInterceptor] = [AuthInterceptor(token)] if token else []
     interceptors.append(DecodeGuardInterceptor())
     server = grpc.aio.server(
@@ -124,7 +127,12 @@ def build_server(
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = list(service_names)
     reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    if tls is None:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    else:
+        cert, key = tls
+        credentials = grpc.ssl_server_credentials([(key.read_bytes(), cert.read_bytes())])
+        bound = server.add_secure_port(f"{host}:{port}", credentials)
     if bound == 0:
         raise OSError(f"cannot bind gRPC to {host}:{port}")
     return server, bound, health_servicer

@@ -84,7 +84,9 @@ async def run_service(
 ) -> None:
     sock = bind_tcp(host, http_port)
     service = await make_service()
-    config = uvicorn.Config(service.app, log_level="warning", lifespan="off", access_log=False)
+    tls = getattr(service, "tls", None)  # (certificate, key): HTTPS, as the factory's gRPC port
+    ssl = {"ssl_certfile": str(tls[0]), "ssl_keyfile": str(tls[1])} if tls else {}
+    config = uvicorn.Config(service.app, log_level="warning", lifespan="off", access_log=False, **ssl)
     http = _QuietServer(config)
     await service.start()
     await service.grpc_server.start()

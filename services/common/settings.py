@@ -18,6 +18,10 @@ class ServiceSettings(BaseSettings):
     auth_token_file: Path | None = Field(None, description="file holding the bearer token")
     max_request_bytes: int = Field(16 * 1024 * 1024, gt=0, description="largest accepted request body")
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING, ERROR")
+    tls_cert_file: Path | None = Field(
+        None, description="PEM certificate (chain): HTTPS and gRPC over TLS when set, with tls_key_file"
+    )
+    tls_key_file: Path | None = Field(None, description="PEM private key of tls_cert_file")
 
     def token(self) -> str | None:
         """The bearer token from auth_token or auth_token_file (stripped), or None when auth is off."""
@@ -29,3 +33,16 @@ class ServiceSettings(BaseSettings):
                 raise ValueError(f"auth token file {self.auth_token_file} is empty")
             return value
         return None
+
+    def tls(self) -> tuple[Path, Path] | None:
+        """(certificate, key) when TLS is on; both set or neither, both readable (one-line error)."""
+        from services.common.errors import UserError
+
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise UserError("TLS needs both tls_cert_file and tls_key_file (or neither)")
+        if self.tls_cert_file is None or self.tls_key_file is None:
+            return None
+        for path in (self.tls_cert_file, self.tls_key_file):
+            if not path.is_file():
+                raise UserError(f"TLS file {path} does not exist")
+        return self.tls_cert_file, self.tls_key_file

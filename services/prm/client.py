@@ -21,6 +21,7 @@ import grpc
 import httpx
 
 from psgpo.v1 import prm_pb2, prm_pb2_grpc
+from services.common.channels import TlsOption, make_aio_channel, make_channel
 
 T = TypeVar("T")
 RETRYABLE_HTTP = {429, 502, 503, 504}
@@ -227,9 +228,15 @@ GRPC_OPTIONS = [("grpc.max_receive_message_length", 64 * 1024 * 1024), ("grpc.lb
 
 class PrmGrpcClient:
     def __init__(
-        self, target: str, token: str | None = None, timeout: float = 60.0, retries: int = 3
+        self,
+        target: str,
+        token: str | None = None,
+        timeout: float = 60.0,
+        retries: int = 3,
+        tls: TlsOption = None,
     ) -> None:
-        self._channel = grpc.insecure_channel(target, options=GRPC_OPTIONS)
+        """tls: None (plaintext), True (system CAs), or a CA PEM path; `grpcs://host:port` also means TLS."""
+        self._channel = make_channel(target, GRPC_OPTIONS, tls)
         self._stub = prm_pb2_grpc.PrmServiceStub(self._channel)
         self._metadata = [("authorization", f"Bearer {token}")] if token else None
         self.timeout = timeout
@@ -266,9 +273,15 @@ class PrmGrpcClient:
 
 class AsyncPrmGrpcClient:
     def __init__(
-        self, target: str, token: str | None = None, timeout: float = 60.0, retries: int = 3
+        self,
+        target: str,
+        token: str | None = None,
+        timeout: float = 60.0,
+        retries: int = 3,
+        tls: TlsOption = None,
     ) -> None:
-        self._channel = grpc.aio.insecure_channel(target, options=GRPC_OPTIONS)
+        """tls: None (plaintext), True (system CAs), or a CA PEM path; `grpcs://host:port` also means TLS."""
+        self._channel = make_aio_channel(target, GRPC_OPTIONS, tls)
         self._stub = prm_pb2_grpc.PrmServiceStub(self._channel)
         self._metadata = [("authorization", f"Bearer {token}")] if token else None
         self.timeout = timeout

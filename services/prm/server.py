@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from fastapi import FastAPI
@@ -30,6 +31,7 @@ class PrmService:
     grpc_server: grpc.aio.Server
     grpc_port: int
     health: object
+    tls: tuple[Path, Path] | None = None  # HTTPS + gRPC TLS (certificate, key)
 
     async def start(self) -> None:
         await self.core.start()
@@ -61,6 +63,7 @@ def load_scorer(settings: PrmSettings) -> PrmScorer:
 def make_factory(settings: PrmSettings, scorer: PrmScorer | None = None):
     """Returns an async factory building the service; the model is loaded once, before serving."""
     token = settings.token()
+    tls = settings.tls()
     loaded = scorer or load_scorer(settings)
 
     async def factory() -> PrmService:
@@ -74,8 +77,9 @@ def make_factory(settings: PrmSettings, scorer: PrmScorer | None = None):
             settings.grpc_port,
             token,
             settings.max_request_bytes,
+            tls,
         )
-        return PrmService(core, app, server, port, health)
+        return PrmService(core, app, server, port, health, tls)
 
     return factory
 

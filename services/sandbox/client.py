@@ -25,6 +25,7 @@ import httpx
 
 from psgpo.v1 import sandbox_pb2 as pb
 from psgpo.v1 import sandbox_pb2_grpc
+from services.common.channels import TlsOption, make_aio_channel, make_channel
 from services.sandbox.convert import request_to_pb, result_from_pb
 from services.sandbox.model import (
     AssertTests,
@@ -265,12 +266,14 @@ class SandboxGrpcClient:
         token: str | None = None,
         timeout_s: float = 600.0,
         retry: RetryPolicy | None = None,
+        tls: TlsOption = None,
     ) -> None:
+        """tls: None (plaintext), True (system CAs), or a CA PEM path; `grpcs://host:port` also means TLS."""
         self.retry = retry or RetryPolicy()
         self.failures = 0
         self.timeout_s = timeout_s
         self._metadata = _metadata(token)
-        self._channel = grpc.insecure_channel(target, options=GRPC_OPTIONS)
+        self._channel = make_channel(target, GRPC_OPTIONS, tls)
         self._stub = sandbox_pb2_grpc.SandboxServiceStub(self._channel)
 
     def run(
@@ -319,12 +322,14 @@ class AsyncSandboxGrpcClient:
         token: str | None = None,
         timeout_s: float = 600.0,
         retry: RetryPolicy | None = None,
+        tls: TlsOption = None,
     ) -> None:
+        """tls: None (plaintext), True (system CAs), or a CA PEM path; `grpcs://host:port` also means TLS."""
         self.retry = retry or RetryPolicy()
         self.failures = 0
         self.timeout_s = timeout_s
         self._metadata = _metadata(token)
-        self._channel = grpc.aio.insecure_channel(target, options=GRPC_OPTIONS)
+        self._channel = make_aio_channel(target, GRPC_OPTIONS, tls)
         self._stub = sandbox_pb2_grpc.SandboxServiceStub(self._channel)
 
     async def run(

@@ -7,6 +7,7 @@ import ipaddress
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from fastapi import FastAPI
@@ -34,6 +35,7 @@ class SandboxService:
     grpc_server: grpc.aio.Server
     grpc_port: int
     health: health_aio.HealthServicer
+    tls: tuple[Path, Path] | None = None  # HTTPS + gRPC TLS (certificate, key)
 
     async def start(self) -> None:
         await self.core.start()
@@ -78,6 +80,7 @@ def check_exposure(settings: SandboxSettings) -> None:
 def make_factory(settings: SandboxSettings) -> Callable[[], Awaitable[SandboxService]]:
     check_exposure(settings)
     token = settings.token()
+    tls = settings.tls()
 
     async def factory() -> SandboxService:
         registry = CollectorRegistry()
@@ -90,8 +93,9 @@ def make_factory(settings: SandboxSettings) -> Callable[[], Awaitable[SandboxSer
             settings.grpc_port,
             token,
             settings.max_request_bytes,
+            tls,
         )
-        return SandboxService(core, app, server, port, health)
+        return SandboxService(core, app, server, port, health, tls)
 
     return factory
 
