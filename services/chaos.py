@@ -164,6 +164,9 @@ def kill_sandbox_workers(ctx: Context, kills: int = 2) -> None:
     deadline = time.monotonic() + 20
     restarts = 0.0
     while time.monotonic() < deadline and restarts < kills:
+        # a worker killed while idle is replaced when the pool next hands it a run: send some runs
+        probe = {"code": "x = 1\n", "tests": {"kind": "assert", "code": "assert x == 1\n"}}
+        httpx.post(f"http://127.0.0.1:{http}/v1/run/batch", json={"requests": [probe] * 2}, timeout=30)
         text = httpx.get(f"http://127.0.0.1:{http}/metrics", timeout=5).text
         restarts = _metric(text, "sandbox_worker_restarts")
         time.sleep(0.2)
@@ -295,12 +298,25 @@ def run_scenario(stack: Stack, scenario: Scenario, workdir: Path, timeout_s: flo
     return out
 
 
-def _enqueue(stack: Stack, run: str, tasks: list[rollout_pb2.Task]) -> None:
+def _enqueue(stack: Stack, run: str, tasks: list[rollout_pb2.Task], retry_s: float = 60.0) -> None:
+    """Enqueue (idempotent by task_id), retried while Redis is restarting."""
+    import redis
+
     from services.common.streams import connect, enqueue_tasks
 
-    r = connect(stack.redis_url)
-    enqueue_tasks(r, run, tasks)
-    r.close()
+    give_up = time.monotonic() + retry_s
+    while True:
+        try:
+            r = connect(stack.redis_url)
+            try:
+                enqueue_tasks(r, run, tasks)
+            finally:
+                r.close()
+            return
+        except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError):
+            if time.monotonic() > give_up:
+                raise
+            time.sleep(0.5)
 
 
 def _supervise(ctx: Context) -> None:
@@ -322,11 +338,15 @@ def _protocol_run(
     out: Outcome,
 ) -> None:
     expected = expected_ids(tasks)
-    _enqueue(stack, ctx.run, tasks)
+    # Half the tasks before the fault, half after it: on a fast machine the whole run could otherwise be
+    # over before the fault, leaving nothing to measure recovery on.
+    half = max(1, len(tasks) // 2)
+    _enqueue(stack, ctx.run, tasks[:half])
     _wait(lambda: len(consumer.ids()) >= 0.3 * len(expected) or consumer.error is not None, deadline, ctx)
     ctx.fault_at = None
     scenario.inject(ctx)
     fault_at = ctx.fault_at or time.time()
+    _enqueue(stack, ctx.run, tasks[half:])
     _wait(lambda: expected <= consumer.ids() or consumer.error is not None, deadline, ctx)
     _settle(stack, ctx.run, deadline)
     if consumer.error is not None:

@@ -191,6 +191,9 @@ class WorkerPool:
         self.stats.waiting += 1
         try:
             handle = await self.idle.get()
+            while handle.process.poll() is not None:  # died while idle (killed, OOM): replace it
+                await self._replace(handle, f"exited with {handle.process.returncode} while idle")
+                handle = await self.idle.get()
         finally:
             self.stats.waiting -= 1
         exchange = asyncio.ensure_future(self._exchange(handle, job, payload, timeout_s))
