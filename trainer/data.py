@@ -65,7 +65,9 @@ def tests_from_json(tests: dict[str, Any]) -> sandbox_pb2.TestSpec:
     raise ValueError(f"unknown tests kind {kind!r} (assert, humaneval, stdio or call)")
 
 
-def _read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
+def read_jsonl_rows(path: Path, allow_empty: bool = False) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, row) of every non-blank line of a JSONL file; DataError naming the file and line of
+    anything that is not a JSON object (and of an empty file unless `allow_empty`)."""
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     rows = []
@@ -80,7 +82,7 @@ def _read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
             if not isinstance(row, dict):
                 raise DataError(f"{path}:{number}: expected a JSON object")
             rows.append((number, row))
-    if not rows:
+    if not rows and not allow_empty:
         raise DataError(f"{path}: no rows")
     return rows
 
@@ -88,7 +90,7 @@ def _read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
 def load_task_file(path: Path) -> list[TaskSpec]:
     """Tasks from a JSONL file (format in the module docstring); ids must be unique."""
     specs: list[TaskSpec] = []
-    for number, row in _read_jsonl(path):
+    for number, row in read_jsonl_rows(path):
         try:
             spec = TaskSpec(
                 id=str(row["id"]),
@@ -209,7 +211,7 @@ class SftPair:
 def load_sft_pairs(path: Path) -> list[SftPair]:
     """(prompt, solution) pairs from JSONL; the loss is on the solution tokens only."""
     pairs = []
-    for number, row in _read_jsonl(Path(path)):
+    for number, row in read_jsonl_rows(Path(path)):
         solution = row.get("solution", row.get("response"))
         if not isinstance(row.get("prompt"), str) or not isinstance(solution, str) or not solution:
             raise DataError(f"{path}:{number}: expected string fields prompt and solution (non-empty)")

@@ -29,7 +29,6 @@ and the commands.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
@@ -239,23 +238,14 @@ def select_records(
 
 
 def numbered_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
-    """(line number, row) of a JSONL file; UserError naming the file and line of anything that is not
-    a JSON object. Blank lines are skipped."""
-    if not path.is_file():
-        raise UserError(f"{path}: no such file")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for number, text in enumerate(f, 1):
-            if not text.strip():
-                continue
-            try:
-                row = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path}:{number}: not JSON: {exc}") from None
-            if not isinstance(row, dict):
-                raise UserError(f"{path}:{number}: expected a JSON object")
-            rows.append((number, row))
-    return rows
+    """(line number, row) of a JSONL file (trainer/data.py's reader; blank lines and an empty file are
+    fine); UserError naming the file and line of anything that is not a JSON object."""
+    from trainer.data import DataError, read_jsonl_rows
+
+    try:
+        return read_jsonl_rows(path, allow_empty=True)
+    except DataError as exc:
+        raise UserError(str(exc)) from None
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

@@ -30,7 +30,7 @@ import numpy as np
 
 from services.common.errors import UserError
 from services.prm.scorer import Prepared, PrmScorer, Scored, aggregate
-from trainer.data import DataError, _read_jsonl
+from trainer.data import DataError, read_jsonl_rows
 from trainer.plot import BLACK, BLUE, GREY, LIGHT, WHITE, draw_line, draw_text, text_width, write_png
 from trainer.prm_train import load_labelled, prepare_items
 
@@ -204,7 +204,7 @@ def load_groups(path: Path) -> list[Group]:
     """Best-of-N groups from JSONL, validated (one line per group of samples of one prompt)."""
     groups = []
     try:
-        for number, row in _read_jsonl(Path(path)):
+        for number, row in read_jsonl_rows(Path(path)):
             where = f"{path}:{number}"
             samples = row.get("samples")
             if not isinstance(row.get("task_id"), str) or not isinstance(row.get("prompt"), str):

@@ -36,7 +36,7 @@ from services.common.errors import RequestError, UserError
 from services.common.lines import split_lines
 from services.common.torch_device import resolve_device
 from services.prm.scorer import Prepared, PrmScorer
-from trainer.data import DataError, _read_jsonl
+from trainer.data import DataError, read_jsonl_rows
 
 log = logging.getLogger(__name__)
 LABELS = (1, -1)  # a line's label; None (JSON null): neutral, no loss
@@ -134,7 +134,7 @@ def load_labelled(path: Path, tags: Sequence[str] = ()) -> list[LabelledResponse
     """Validated rows of a labelled JSONL (unknown keys ignored); with `tags`, only rows carrying one."""
     rows: list[LabelledResponse] = []
     try:
-        for number, row in _read_jsonl(Path(path)):
+        for number, row in read_jsonl_rows(Path(path)):
             where = f"{path}:{number}"
             missing = [k for k in ("task_id", "prompt", "response", "line_spans", "labels") if k not in row]
             if missing:

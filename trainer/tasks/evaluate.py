@@ -44,6 +44,14 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
 
 
+def check_ks(n: int, ks: Sequence[int]) -> None:
+    """n >= 1 and every k in 1..n (the estimator needs n >= k): one-line UserError otherwise."""
+    if n < 1:
+        raise UserError(f"--n must be >= 1, got {n}")
+    if not ks or any(k < 1 or k > n for k in ks):
+        raise UserError(f"every k must be in 1..n={n}, got {list(ks)}")
+
+
 Generate = Callable[[Sequence[EvalTask], int], list[list[str]]]  # tasks, n -> n responses per task
 Judge = Callable[[Sequence[RunRequest]], list[RunResult]]
 
@@ -60,11 +68,7 @@ def evaluate(
 ) -> dict[str, Any]:
     """Generate n responses per task, judge every program in the sandbox, report pass@k overall and
     per group. A k above n is refused (the estimator needs n >= k)."""
-    if n < 1:
-        raise UserError(f"--n must be >= 1, got {n}")
-    bad = [k for k in ks if k < 1 or k > n]
-    if bad:
-        raise UserError(f"every k must be in 1..n={n}, got {bad}")
+    check_ks(n, ks)
     start = time.monotonic()
     correct: list[int] = []
     rows: list[dict[str, Any]] = []
@@ -116,7 +120,7 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def hf_generator(policy: Path, device: str, temperature: float, max_new_tokens: int, seed: int,
+def policy_generator(policy: Path, device: str, temperature: float, max_new_tokens: int, seed: int,
                  backend: str = "hf") -> tuple[Generate, Callable[[], None]]:  # fmt: skip
     """A `Generate` over the rollout backends (hf, or vllm on a GPU) and its close function. Tasks with
     different stop strings are generated in separate calls (stops are per call)."""
@@ -161,8 +165,7 @@ def run_eval(source: str, policy: Path, out: Path, *, n: int = 1, ks: Sequence[i
 
     if not (policy / "config.json").is_file():
         raise UserError(f"--policy {policy} is not a Hugging Face model dir (no config.json)")
-    if not ks or any(k < 1 or k > n for k in ks):
-        raise UserError(f"every k must be in 1..n={n}, got {list(ks)}")
+    check_ks(n, ks)
     if temperature == 0 and n > 1:
         raise UserError("--n > 1 with --temperature 0 gives n copies of one greedy sample: set a temperature")
     tasks, note = load(source)
@@ -171,7 +174,7 @@ def run_eval(source: str, policy: Path, out: Path, *, n: int = 1, ks: Sequence[i
     if not sandbox_url:
         service = start_service("sandbox", [], out / "logs" / "sandbox.log")
         sandbox_url = service.http_url
-    generate, close = hf_generator(policy, device, temperature, max_new_tokens, seed, backend)
+    generate, close = policy_generator(policy, device, temperature, max_new_tokens, seed, backend)
     try:
         with SandboxClient(sandbox_url) as sandbox, tqdm(total=len(tasks), desc="eval", unit="task") as bar:
             report = evaluate(tasks, generate, sandbox.run_batch, n, ks, timeout_s, progress=bar.update)

@@ -21,29 +21,17 @@ from typing import Any
 from services.client.testspec import parse_tests
 from services.common.errors import UserError
 from services.sandbox.model import StdioCase, StdioTests
+from trainer.data import DataError, load_task_file, read_jsonl_rows
 from trainer.tasks.evaluate import EvalTask
 
 HUMANEVAL_STOP = ("\nclass ", "\ndef ", "\n#", "\nif __name__", "\nprint(")
 
 
 def _rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
-    if not path.is_file():
-        raise UserError(f"{path}: no such file")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as exc:
-                raise UserError(f"{path}:{number}: not JSON ({exc})") from None
-            if not isinstance(row, dict):
-                raise UserError(f"{path}:{number}: expected a JSON object")
-            rows.append((number, row))
-    if not rows:
-        raise UserError(f"{path}: no tasks")
-    return rows
+    try:
+        return read_jsonl_rows(path)
+    except DataError as exc:
+        raise UserError(str(exc)) from None
 
 
 def humaneval() -> list[EvalTask]:
@@ -96,17 +84,15 @@ def livecodebench(path: Path) -> tuple[list[EvalTask], int]:
 
 
 def task_jsonl(path: Path) -> list[EvalTask]:
-    tasks = []
-    for number, row in _rows(path):
-        try:
-            spec = parse_tests(row["tests"])
-            meta = row.get("metadata") or {}
-            group = str(meta.get("length") or meta.get("family") or "")
-            tasks.append(EvalTask(str(row["id"]), str(row["prompt"]), spec, stop=tuple(row.get("stop") or ()),
-                                  group=group))  # fmt: skip
-        except (KeyError, TypeError, ValueError) as exc:
-            raise UserError(f"{path}:{number}: not a task row ({exc})") from None
-    return tasks
+    try:
+        specs = load_task_file(path)
+    except DataError as exc:
+        raise UserError(str(exc)) from None
+    return [
+        EvalTask(spec.id, spec.prompt, parse_tests(spec.tests), stop=spec.stop,
+                 group=spec.metadata.get("length") or spec.metadata.get("family", ""))
+        for spec in specs
+    ]  # fmt: skip
 
 
 def load(source: str) -> tuple[list[EvalTask], str]:
