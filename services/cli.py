@@ -362,13 +362,21 @@ def up(
 
 @app.command("demo")
 def demo(
-    out: Annotated[Path, typer.Option(help="output dir")] = Path("runs/demo"),
-    quick: Annotated[bool, typer.Option(help="smallest configuration")] = False,
+    out: Annotated[Path, typer.Option(help="output dir (rerun with it to resume)")] = Path("runs/demo"),
+    quick: Annotated[bool, typer.Option(help="one seed, fewer steps: about 5 minutes on 2 cores")] = False,
+    seeds: Annotated[int | None, typer.Option(min=1, max=20, help="PPO seeds per variant")] = None,
+    steps: Annotated[int | None, typer.Option(min=1, max=10000, help="PPO steps per run")] = None,
+    parallel_runs: Annotated[int | None, typer.Option(min=1, max=16, help="PPO runs at once")] = None,
+    sft_epochs: Annotated[
+        int | None, typer.Option(min=1, max=100, help="SFT epochs (2: ~22% held-out)")
+    ] = None,
+    fresh: Annotated[bool, typer.Option(help="discard OUT's earlier demo outputs first")] = False,
 ) -> None:
-    """The main job (see README): models, services up, scoring and execution end to end."""
-    from services.demo import run_demo
+    """The main job: SFT -> RLTF -> labelling -> PRM -> PSGPO and ablations -> held-out results table."""
+    from services.demo import preset, run_demo
 
-    run_demo(out=out, quick=quick)
+    cfg = preset(quick, seeds=seeds, steps=steps, parallel_runs=parallel_runs, sft_epochs=sft_epochs)
+    run_demo(out=out, cfg=cfg, fresh=fresh)
 
 
 def main() -> None:

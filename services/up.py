@@ -167,6 +167,13 @@ class Stack:
             self.children.append(self._worker(i))
         self._save_layout()
 
+    def add_prm(self, model: Path) -> ServiceProcess:
+        """Start the PRM service on a running stack (the demo trains its PRM after the stack is up)."""
+        self.cfg.prm = model
+        self.children.append(self._service("prm"))
+        self._save_layout()
+        return self.services["prm"]
+
     def _service(self, name: str, restarts: int = 0) -> Child:
         """`psgpo serve sandbox|prm` on its recorded ports, once it says it is listening."""
         args = [

@@ -1,4 +1,5 @@
-"""`psgpo demo --quick` as a user runs it (a child process), so the main job cannot silently break."""
+"""`psgpo demo` as a user runs it (a child process), in a still smaller configuration than --quick (2 PPO
+steps, 1 SFT epoch), so the main job cannot silently break: every stage runs on the real stack."""
 
 from __future__ import annotations
 
@@ -7,30 +8,66 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 
-def test_demo_quick(tmp_path: Path, tiny_models: Path):
+from services.demo.config import VARIANTS
+
+STAGES = {"tasks", "models", "sft", "sandbox_checks", "ppo_rltf", "sample", "label", "prm_train", "prm_eval",
+          "prm_lines", "ppo_prm", "eval", "services_up"}  # fmt: skip
+
+
+def _demo(out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "services.cli", "demo", "--quick", "--steps", "2", "--sft-epochs", "1",
+         "--out", str(out), *extra],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_demo_smallest_configuration_then_resume(tmp_path: Path):
     out = tmp_path / "demo"
-    (out / "models").mkdir(parents=True)
-    for name in ("policy", "prm"):  # reuse the session's tiny models (the demo builds them otherwise)
-        (out / "models" / name).symlink_to(tiny_models / name)
-    proc = subprocess.run(
-        [sys.executable, "-m", "services.cli", "demo", "--quick", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = _demo(out)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((out / "results.json").read_text())
+    assert set(result["stages"]) == STAGES
     verdicts = {p["program"]: p["verdict"]["status"] for p in result["programs"]}
     assert verdicts["sum_squares: correct"] == "passed"
     assert verdicts["sum_squares: bug on line 3"] == "failed"
     assert verdicts["fizz: sys.exit(0) to fake a pass"] != "passed"
     assert verdicts["fizz: rigged __eq__"] != "passed"
     assert verdicts["infinite loop"] == "timeout"
-    assert len(result["trajectories"]) == 2 * 4
-    for variant in ("rltf", "psgpo"):
-        steps = result["ppo"][variant]
-        assert [m["step"] for m in steps] == [1, 2]
-        assert steps[-1]["policy_version"] >= 1  # the worker hot-swapped to a published version
-    assert all(m["reward/prm"] == 0 for m in result["ppo"]["rltf"])
-    assert set(result["stages"]) >= {"models", "services_up", "direct_scoring", "rollouts", "ppo"}
+
+    assert set(result["variants"]) == set(VARIANTS)
+    for name, row in result["variants"].items():
+        assert row["seeds"] == 1 and set(row["per_seed"]) == {"s0"}, name
+        assert 0.0 <= row["pass_at_1"] <= 1.0
+        metrics = [
+            json.loads(x) for x in (out / "ppo" / f"{name}-s0" / "metrics.jsonl").read_text().splitlines()
+        ]
+        assert [m["step"] for m in metrics] == [1, 2]
+        assert metrics[-1]["policy_version"] >= 1  # the worker hot-swapped to weights the trainer published
+        dense = VARIANTS[name]["reward"] == "psgpo"
+        assert any(m["reward/prm"] != 0 for m in metrics) == dense, name  # PRM scores reach dense runs only
+        assert (out / "ppo" / f"{name}-s0" / "policy" / "config.json").is_file()
+    assert result["sft"]["problems"] == 59 and result["sft"]["problems_long"] >= 1
+    assert result["comparison"]["pass_at_1"]["verdict"].startswith("one seed")
+    assert "auc" in result["prm"] and result["prm"]["lines"] > 0
+    for name in ("learning_curves", "prm_calibration", "prm_lines"):
+        assert Path(result["plots"][name]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = (out / "results.md").read_text()
+    assert "| PSGPO (dense + value init) | ✓ | ✓ |" in table and "| RLTF (unit tests only) |" in table
+    assert "| policy |" in proc.stdout  # the table is printed
+
+    # The same command again resumes: every stage is reused, the results are the same.
+    again = _demo(out)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert again.stdout.count("done earlier") == len(STAGES) - 1  # services_up is not a stage
+    second = json.loads((out / "results.json").read_text())
+    assert second["variants"] == result["variants"] and second["prm"] == result["prm"]
+
+    # Another configuration on the same dir is refused in one line, nothing touched.
+    other = _demo(out, "--seeds", "2")
+    assert other.returncode == 2 and "another configuration" in other.stderr
+    assert len(other.stderr.strip().splitlines()) == 1

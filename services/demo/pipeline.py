@@ -1,0 +1,319 @@
+"""`psgpo demo`: the paper's comparison in miniature, on top of the `psgpo up` stack.
+
+  tasks + tiny models -> SFT -> RLTF runs -> samples from the RLTF checkpoints -> binary-search labels
+  -> PRM training and evaluation -> PSGPO and its ablations (dense reward only, value init only) at the
+  same steps and seeds -> held-out pass@1 of every policy -> results.json, results.md, plots/.
+
+Every stage's outcome is kept in OUT/demo_state.json: rerunning the same command on the same OUT (after
+Ctrl-C, a crash, a reboot) skips what is done and resumes the rest; PPO runs resume from their last
+checkpoint. A different configuration refuses to reuse the dir.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from services.common.errors import UserError
+from services.demo.config import VARIANTS, DemoConfig
+from services.demo.runs import Endpoints, PpoRun, run_all
+
+console = Console()
+STATE_VERSION = 1
+
+
+class Stages:
+    """Named stages whose JSON results and durations persist in OUT/demo_state.json."""
+
+    def __init__(self, out: Path, cfg: DemoConfig) -> None:
+        self.path = out / "demo_state.json"
+        state: dict[str, Any] = {}
+        if self.path.is_file():
+            try:
+                state = json.loads(self.path.read_text())
+            except ValueError as exc:
+                raise UserError(
+                    f"{self.path} is unreadable ({exc}); remove it or use another --out"
+                ) from None
+            if state.get("version") != STATE_VERSION or state.get("config_key") != cfg.key():
+                raise UserError(
+                    f"{out} holds a demo with another configuration or version; use another --out or --fresh"
+                )
+        self.state = state or {
+            "version": STATE_VERSION,
+            "config_key": cfg.key(),
+            "config": cfg.to_dict(),
+            "nonce": secrets.token_hex(3),
+            "stages": {},
+        }
+        self.save()
+
+    @property
+    def nonce(self) -> str:
+        return str(self.state["nonce"])
+
+    def save(self) -> None:
+        self.path.write_text(json.dumps(self.state, indent=2))
+
+    def run(self, name: str, what: str, fn: Callable[[], Any]) -> Any:
+        done = self.state["stages"].get(name)
+        if done is not None:
+            console.print(f"[dim]= {what}: done earlier ({done['seconds']:.0f} s), reusing[/dim]")
+            return done["result"]
+        console.rule(f"[bold]{what}")
+        t0 = time.perf_counter()
+        result = fn()
+        seconds = time.perf_counter() - t0
+        self.state["stages"][name] = {"seconds": seconds, "result": result}
+        self.save()
+        console.print(f"[green]✓ {what}[/green] ({seconds:.0f} s)")
+        return result
+
+    def seconds(self) -> dict[str, float]:
+        return {name: s["seconds"] for name, s in self.state["stages"].items()}
+
+
+def _tasks(out: Path, cfg: DemoConfig) -> dict[str, Any]:
+    from trainer.tasks.mini import write
+
+    return write(out / "tasks", seed=0, n_sft=cfg.sft_pairs)
+
+
+def _models(out: Path) -> dict[str, Any]:
+    from trainer.models.tiny import TinyConfig, build_tiny
+    from trainer.tasks.mini import corpus
+
+    summary = build_tiny(out / "models", TinyConfig(vocab_size=1024), extra_corpus=corpus())
+    return {"policy_parameters": summary["policy"]["parameters"]}
+
+
+def _sft(out: Path, cfg: DemoConfig) -> dict[str, Any]:
+    from trainer.sft import SFTArgs, train_sft
+
+    return train_sft(
+        SFTArgs(
+            data=out / "tasks" / "sft.jsonl",
+            policy=out / "models" / "policy",
+            out=out / "sft",
+            epochs=cfg.sft_epochs,
+            lr=3e-3,
+            batch_size=32,
+            warmup_steps=20,
+            device="cpu",
+        )
+    )
+
+
+def _runs(out: Path, cfg: DemoConfig, nonce: str, variants: list[str]) -> list[PpoRun]:
+    return [
+        PpoRun(v, s, out / "ppo" / f"{v}-s{s}", f"demo-{nonce}-{v}-s{s}")
+        for v in variants
+        for s in range(cfg.seeds)
+    ]
+
+
+def _train_runs(runs: list[PpoRun], cfg: DemoConfig, out: Path, ends: Endpoints, prm: Path | None) -> dict:
+    def done(run: PpoRun, seconds: float) -> None:
+        rows = run.metrics()
+        tail = sum(m["pass_rate"] for m in rows[-5:]) / max(1, len(rows[-5:]))
+        console.print(
+            f"  {run.name}: {len(rows)} steps in {seconds:.0f} s, train pass rate (last 5) {tail:.2f}"
+        )
+
+    console.print(
+        f"{len(runs)} runs x {cfg.steps} steps, {cfg.parallel_runs} at a time; logs in {out / 'logs'}"
+    )
+    return run_all(
+        runs,
+        cfg,
+        sft=out / "sft",
+        prm=prm,
+        tasks=out / "tasks" / "train.jsonl",
+        ends=ends,
+        logs=out / "logs",
+        on_done=done,
+    )
+
+
+def run_demo(out: Path, cfg: DemoConfig) -> dict[str, Any]:
+    """The whole pipeline; returns (and writes) results.json's content."""
+    from services.demo import heldout, prm_data, report, showcase
+    from services.up import Stack, UpConfig
+
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    stages = Stages(out, cfg)
+    console.print(
+        f"psgpo demo: {cfg.seeds} seed(s) x {len(VARIANTS)} variants x {cfg.steps} PPO steps in {out}"
+    )
+    stages.run("tasks", "miniature benchmark tasks", lambda: _tasks(out, cfg))
+    stages.run("models", "tiny policy and PRM (tokenizer trained on this machine)", lambda: _models(out))
+    stages.run("sft", "SFT of the tiny policy", lambda: _sft(out, cfg))
+
+    stack = Stack(
+        UpConfig(
+            data_dir=out / "up",
+            policy=out / "sft",
+            prm=None,
+            run=f"demo-{stages.nonce}",
+            workers=0,
+            redis_port=0,
+            sandbox_ports=(0, 0),
+            prm_ports=(0, 0),
+        )
+    )
+    stack.prepare()
+    t = time.perf_counter()
+    stack.start()
+    up_seconds = time.perf_counter() - t
+    try:
+        sandbox = stack.services["sandbox"]
+        ends = Endpoints(stack.redis_url, sandbox.grpc_target, sandbox.http_url)
+        console.print(stack.status_table())
+        programs = stages.run(
+            "sandbox_checks",
+            "hostile and buggy programs through the sandbox",
+            lambda: showcase.sandbox_verdicts(sandbox.http_url),
+        )
+        rltf = _runs(out, cfg, stages.nonce, ["rltf"])
+        stages.run("ppo_rltf", "RLTF baseline runs", lambda: _train_runs(rltf, cfg, out, ends, None))
+
+        base = f"demo-{stages.nonce}"
+        first = rltf[0]
+        checkpoints = {
+            "rltf-mid": first.out_dir / "checkpoints" / f"step-{max(1, cfg.steps // 2):08d}" / "policy",
+            "rltf-final": first.out_dir / "policy",
+        }
+        data = out / "prm_data"
+
+        def sample() -> dict[str, int]:
+            data.mkdir(parents=True, exist_ok=True)
+            train = prm_data.subset(
+                out / "tasks" / "train.jsonl", cfg.label_tasks, 0, data / "label_tasks.jsonl"
+            )
+            common = dict(
+                n=cfg.label_samples,
+                cfg=cfg,
+                ends=ends,
+                run=base,
+                logs=out / "logs",
+                weights=out / "weights" / "sample",
+            )
+            return {
+                "train": prm_data.sample_checkpoints(
+                    checkpoints, train, data / "samples-train.jsonl", **common
+                ),
+                "test": prm_data.sample_checkpoints(
+                    checkpoints, out / "tasks" / "test.jsonl", data / "samples-test.jsonl", **common
+                ),
+            }
+
+        stages.run("sample", "samples from the RLTF checkpoints", sample)
+
+        def label() -> dict[str, Any]:
+            common = dict(
+                policy=checkpoints["rltf-final"],
+                tag=f"{base}-rltf-final",
+                cfg=cfg,
+                ends=ends,
+                run=base,
+                logs=out / "logs",
+                weights=out / "weights" / "label",
+                workers=cfg.parallel_runs,
+            )
+            return {
+                split: prm_data.label(
+                    data / f"samples-{split}.jsonl", data / f"labels-{split}.jsonl", **common
+                )
+                for split in ("train", "test")
+            }
+
+        stages.run("label", "binary-search labelling of the failed samples", label)
+        prm_dir = out / "prm"
+        stages.run(
+            "prm_train",
+            "PRM training (training tasks' labels)",
+            lambda: prm_data.train_prm(data / "labels-train.jsonl", out / "sft", prm_dir, cfg),
+        )
+
+        def prm_eval() -> dict[str, Any]:
+            groups = prm_data.groups(data / "samples-test.jsonl", data / "groups-test.jsonl")
+            return prm_data.eval_prm(prm_dir, data / "labels-test.jsonl", groups, out / "prm_eval")
+
+        prm_report = stages.run("prm_eval", "PRM evaluation (held-out tasks' labels)", prm_eval)
+        t = time.perf_counter()
+        prm_service = stack.add_prm(prm_dir)
+        up_seconds += time.perf_counter() - t
+        ends = Endpoints(ends.redis_url, ends.sandbox_grpc, ends.sandbox_http, prm_service.grpc_target)
+        lines = stages.run(
+            "prm_lines",
+            "the trained PRM on example programs",
+            lambda: showcase.line_examples(out / "tasks" / "test.jsonl", prm_service.grpc_target),
+        )
+        others = _runs(out, cfg, stages.nonce, [v for v in VARIANTS if v != "rltf"])
+        stages.run("ppo_prm", "PSGPO and the ablations", lambda: _train_runs(others, cfg, out, ends, prm_dir))
+
+        def evaluate() -> dict[str, Any]:
+            policies = {"sft": out / "sft", **{r.name: r.out_dir / "policy" for r in rltf + others}}
+            results = {}
+            for i, (name, policy) in enumerate(policies.items(), 1):
+                results[name] = heldout.evaluate_policy(
+                    policy,
+                    out / "tasks" / "test.jsonl",
+                    sandbox.http_url,
+                    cfg.eval_samples,
+                    cfg.max_new_tokens,
+                )
+                console.print(
+                    f"  [{i}/{len(policies)}] {name}: pass@1 {results[name]['pass_at_1']:.3f} "
+                    f"(long {results[name]['pass_at_1_long'] or 0:.3f})"
+                )
+            return results
+
+        evals = stages.run("eval", "held-out evaluation of every policy", evaluate)
+    finally:
+        stack.stop()
+
+    variants = report.aggregate(evals, rltf + others)
+    lines_prm = prm_report["labelled"]["lines"]
+    best = prm_report.get("best_of_n") or {}
+    results: dict[str, Any] = {
+        "variants": variants,
+        "sft": evals["sft"],
+        "comparison": {key: report.compare(variants, key) for key in report.KEYS},
+        "prm": {
+            "auc": lines_prm["auc"],
+            "accuracy": lines_prm["accuracy"],
+            "lines": lines_prm["count"],
+            "response_auc": prm_report["labelled"]["responses"].get("auc_passed"),
+            "best_of_n": {
+                "n": round(best["samples"] / best["groups"]) if best.get("groups") else None,
+                "prm": best.get("prm"),
+                "random": best.get("random"),
+                "logprob": best.get("logprob"),
+                "oracle": best.get("oracle"),
+            },
+            "labelling": {
+                s: r.get("per_failed_response") for s, r in stages.state["stages"]["label"]["result"].items()
+            },
+        },
+        "programs": programs,
+        "config": cfg.to_dict(),
+        "stages": {**stages.seconds(), "services_up": up_seconds},
+        "seconds": 0.0,
+    }
+    results["plots"] = report.figures(out, rltf + others, out / "prm_eval", lines)
+    results["seconds"] = time.perf_counter() - t_start
+    results["seconds_all_sessions"] = sum(results["stages"].values())
+    table = report.markdown(results)
+    (out / "results.md").write_text(table)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    print(table, flush=True)  # plain: rich would wrap the Markdown
+    console.print(f"wrote {out / 'results.json'}, {out / 'results.md'} and {out / 'plots'}")
+    return results
