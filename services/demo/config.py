@@ -44,7 +44,7 @@ class DemoConfig:
     """SFT pairs drawn from the training tasks."""
     label_tasks: int = 160
     """Training tasks sampled from the RLTF checkpoints for the PRM's data."""
-    label_samples: int = 4
+    label_samples: int = 2
     """Samples per task from each sampled RLTF checkpoint."""
     label_k: int = 4
     """Completions per binary-search probe (a prefix is correct when one of K passes)."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -77,6 +78,18 @@ class Stages:
 
     def seconds(self) -> dict[str, float]:
         return {name: s["seconds"] for name, s in self.state["stages"].items()}
+
+
+def check_disk(out: Path, cfg: DemoConfig) -> None:
+    """UserError when OUT's disk cannot hold the run: ~60 MiB per PPO run (two checkpoints with optimizer
+    state, the final policy, published weights) plus ~250 MiB for the rest (measured: 764 MiB in all for
+    the full configuration)."""
+    need = 64 * 2**20 * cfg.seeds * len(VARIANTS) + 256 * 2**20
+    free = shutil.disk_usage(out).free
+    if free < need:
+        raise UserError(
+            f"only {free // 2**20} MiB free on the disk of {out}: the demo needs about {need // 2**20} MiB"
+        )
 
 
 def _tasks(out: Path, cfg: DemoConfig) -> dict[str, Any]:
@@ -147,6 +160,7 @@ def run_demo(out: Path, cfg: DemoConfig) -> dict[str, Any]:
     from services.up import Stack, UpConfig
 
     out.mkdir(parents=True, exist_ok=True)
+    check_disk(out, cfg)
     t_start = time.perf_counter()
     stages = Stages(out, cfg)
     console.print(
@@ -197,22 +211,21 @@ def run_demo(out: Path, cfg: DemoConfig) -> dict[str, Any]:
             train = prm_data.subset(
                 out / "tasks" / "train.jsonl", cfg.label_tasks, 0, data / "label_tasks.jsonl"
             )
-            common = dict(
-                n=cfg.label_samples,
-                cfg=cfg,
-                ends=ends,
-                run=base,
-                logs=out / "logs",
-                weights=out / "weights" / "sample",
-            )
-            return {
-                "train": prm_data.sample_checkpoints(
-                    checkpoints, train, data / "samples-train.jsonl", **common
-                ),
-                "test": prm_data.sample_checkpoints(
-                    checkpoints, out / "tasks" / "test.jsonl", data / "samples-test.jsonl", **common
-                ),
+            splits = {
+                "train": (train, data / "samples-train.jsonl"),
+                "test": (out / "tasks" / "test.jsonl", data / "samples-test.jsonl"),
             }
+            return prm_data.sample_checkpoints(
+                checkpoints,
+                splits,
+                cfg.label_samples,
+                cfg,
+                ends,
+                base,
+                out / "logs",
+                out / "weights" / "sample",
+                cfg.parallel_runs,
+            )
 
         stages.run("sample", "samples from the RLTF checkpoints", sample)
 

@@ -26,33 +26,38 @@ def subset(tasks: Path, count: int, seed: int, out: Path) -> Path:
 
 def sample_checkpoints(
     checkpoints: dict[str, Path],
-    tasks: Path,
-    out: Path,
+    splits: dict[str, tuple[Path, Path]],
     n: int,
     cfg: DemoConfig,
     ends: Endpoints,
     run: str,
     logs: Path,
     weights: Path,
-) -> int:
-    """n samples per task from each checkpoint (a worker serving it on `<run>-sample`), appended to out."""
+    workers: int,
+) -> dict[str, int]:
+    """n samples per task of every split ({name: (task JSONL, output JSONL)}) from each checkpoint, served
+    by `workers` rollout workers on `<run>-sample`; {split: rows written}."""
     from trainer.label_sample import SampleArgs, sample
 
-    out.unlink(missing_ok=True)  # the stage is redone as a whole
-    rows = 0
+    for _, out in splits.values():
+        out.unlink(missing_ok=True)  # the stage is redone as a whole
+    rows = dict.fromkeys(splits, 0)
     for i, (tag, policy) in enumerate(checkpoints.items()):
-        worker = start_worker(
-            policy,
-            f"{run}-sample",
-            ends,
-            logs / f"rollout-sample-{tag}.log",
-            weights,
-            prm=False,
-            consumer=f"sample-{tag}",
-        )
+        procs = [
+            start_worker(
+                policy,
+                f"{run}-sample",
+                ends,
+                logs / f"rollout-sample-{tag}-{w}.log",
+                weights,
+                prm=False,
+                consumer=f"sample-{tag}-{w}",
+            )
+            for w in range(workers)
+        ]
         try:
-            rows += sample(
-                SampleArgs(
+            for name, (tasks, out) in splits.items():
+                args = SampleArgs(
                     tasks=str(tasks),
                     out=out,
                     n=n,
@@ -63,9 +68,10 @@ def sample_checkpoints(
                     seed=101 + i,
                     timeout_s=300,
                 )
-            )
+                rows[name] += sample(args)
         finally:
-            stop(worker)
+            for proc in procs:
+                stop(proc)
     return rows
 
 

@@ -45,6 +45,10 @@ def aggregate(evals: dict[str, dict[str, Any]], runs: Sequence[PpoRun]) -> dict[
             row[key], row[f"{key}_std"] = _stats(values)
         last = [statistics.fmean(m["pass_rate"] for m in r.metrics()[-5:]) for r in mine if r.metrics()]
         row["train_pass_rate_last5"] = statistics.fmean(last) if last else None
+        early = [m["value/explained_variance"] for r in mine for m in r.metrics()[:5]
+                 if isinstance(m.get("value/explained_variance"), int | float)
+                 and math.isfinite(m["value/explained_variance"])]  # fmt: skip
+        row["critic_explained_variance_first5"] = statistics.fmean(early) if early else None
         row["per_seed"] = per_seed
         variants[variant] = row
     return variants
@@ -103,6 +107,10 @@ def markdown(results: dict[str, Any]) -> str:
         if c["difference"] is not None:
             se = f" ± {100 * c['stderr']:.1f} (standard error)" if c.get("stderr") is not None else ""
             lines.append(f"- PSGPO vs RLTF, {what}: {100 * c['difference']:+.1f} points{se}: {c['verdict']}.")
+    early = {v: row.get("critic_explained_variance_first5") for v, row in variants.items()}
+    if all(value is not None for value in early.values()):
+        cells = ", ".join(f"{LABELS[v].split(' (')[0]} {value:+.2f}" for v, value in early.items())
+        lines.append(f"- Critic explained variance over the first 5 steps (1 = perfect): {cells}.")
     prm = results.get("prm", {})
     if prm.get("auc") is not None:
         best = {k: (math.nan if v is None else v) for k, v in (prm.get("best_of_n") or {}).items()}

@@ -51,10 +51,14 @@ def test_trainer_command_refuses_prm_init_without_prm(tmp_path: Path):
         trainer_command(PpoRun("psgpo", 0, tmp_path, "r"), FULL, tmp_path, None, tmp_path, "redis://h:1/0")
 
 
-def _run(tmp_path: Path, variant: str, seed: int, pass_rates: list[float]) -> PpoRun:
+def _run(
+    tmp_path: Path, variant: str, seed: int, pass_rates: list[float], ev: float = float("nan")
+) -> PpoRun:
     run = PpoRun(variant, seed, tmp_path / f"{variant}-s{seed}", f"r-{variant}-{seed}")
     run.out_dir.mkdir(parents=True)
-    rows = [{"step": i + 1, "pass_rate": p} for i, p in enumerate(pass_rates)]
+    rows = [
+        {"step": i + 1, "pass_rate": p, "value/explained_variance": ev + i} for i, p in enumerate(pass_rates)
+    ]
     (run.out_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return run
 
@@ -65,7 +69,7 @@ def _eval(p: float, short: float, long: float | None) -> dict:
 
 
 def test_aggregate_and_compare(tmp_path: Path):
-    runs = [_run(tmp_path, v, s, [0.1] * 6 + [0.2 + s * 0.1]) for v in VARIANTS for s in range(3)]
+    runs = [_run(tmp_path, v, s, [0.1] * 6 + [0.2 + s * 0.1], ev=-s) for v in VARIANTS for s in range(3)]
     evals = {}
     for s in range(3):
         evals[f"rltf-s{s}"] = _eval(0.30 + 0.01 * s, 0.4, 0.10)
@@ -80,6 +84,8 @@ def test_aggregate_and_compare(tmp_path: Path):
     assert variants["rltf"]["seeds"] == 3 and set(variants["rltf"]["per_seed"]) == {"s0", "s1", "s2"}
     # last five steps: 0.1, 0.1, 0.1, 0.1, 0.2 + seed * 0.1 -> mean over seeds of (0.6 + 0.1 s) / 5
     assert variants["rltf"]["train_pass_rate_last5"] == pytest.approx((0.6 + 0.7 + 0.8) / 15)
+    # first five steps' explained variance: -s + (0..4) -> mean over seeds of (2 - s) = 1
+    assert variants["psgpo"]["critic_explained_variance_first5"] == pytest.approx(1.0)
     overall = compare(variants, "pass_at_1")
     assert overall["difference"] == pytest.approx(0.20) and "better" in overall["verdict"]
     near = compare(variants, "pass_at_1", name="value_init_only")  # -0.01 +- ~0.013: noise
@@ -131,3 +137,17 @@ def test_buggy_example_changes_one_later_line():
     old, new = solution.splitlines(), buggy.splitlines()
     assert [i for i in range(len(old)) if old[i] != new[i]] == [number] and number >= len(old) // 2
     assert _buggy("    return x\n") is None
+
+
+def test_not_enough_disk_is_one_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A full disk cannot be made here safely: the free space `shutil.disk_usage` reports is replaced."""
+    import shutil
+
+    from services.demo import pipeline
+
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(pipeline.shutil, "disk_usage", lambda _: usage._replace(free=100 * 2**20))
+    with pytest.raises(UserError, match=r"only 100 MiB free on the disk of .*: the demo needs about \d+ MiB"):
+        pipeline.check_disk(tmp_path, FULL)
+    monkeypatch.setattr(pipeline.shutil, "disk_usage", lambda _: usage._replace(free=10 * 2**30))
+    pipeline.check_disk(tmp_path, FULL)  # 10 GiB: enough
