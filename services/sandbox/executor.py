@@ -88,6 +88,7 @@ class Executor:
         self.detach: list[socket.socket] = []  # the worker's own sockets: a run must not close them
         self._vsz = 0
         self.worker_pid = os.getpid()
+        self.parent_death_signal = isolation.PreparedPrctl(isolation.PR_SET_PDEATHSIG, signal.SIGKILL)
         prepare_run_dir(iso.run_dir, iso.uid)
 
     def _baseline(self) -> int:
@@ -108,7 +109,12 @@ class Executor:
         address_space = self._baseline() + limits.memory_mb * 1024 * 1024
         started = time.monotonic()
         gc.freeze()
-        pid = isolation.raw_fork()
+        try:
+            pid = isolation.raw_fork()
+        except OSError:  # EAGAIN, ENOMEM: no run started; its fds must not leak into the next one
+            for fd in (out_r, out_w, err_r, err_w, res_r, res_w, stdin_fd):
+                _close_quietly(fd)
+            raise
         if pid == 0:
             self._child(job, limits, address_space, (stdin_fd, out_w, err_w, res_w), nonce)
         for fd in (out_w, err_w, res_w, stdin_fd):
@@ -243,7 +249,7 @@ class Executor:
             self.iso.landlock.restrict_self()
         if self.iso.uid is not None:
             isolation.drop_privileges(self.iso.uid, self.iso.uid)
-        isolation.set_parent_death_signal(signal.SIGKILL)  # after the uid change, which clears it
+        self.parent_death_signal()  # SIGKILL; after the uid change, which clears it
         if os.getppid() != self.worker_pid:
             raise RuntimeError("the worker died while the run started")
         stdin_fd, out_w, err_w, res_w = fds

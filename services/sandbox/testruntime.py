@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import builtins
 import itertools
+import operator
 import sys
 import threading
 import types
@@ -27,6 +28,8 @@ from services.sandbox.values import NotPlain, is_exact, normalize
 
 globals().update({k: v for k, v in vars(builtins).items() if not k.startswith("__")})
 
+_is = operator.is_
+_ABSENT = object()  # `get`'s default in the audit: a removed name never matches a pristine value
 _settrace = sys.settrace
 _setprofile = sys.setprofile
 _C_CALLABLES = frozenset(
@@ -55,6 +58,8 @@ class Snapshot:
     real_modules: dict[int, types.ModuleType]  # id(real module) -> its shadow
     trusted_ids: frozenset[int]  # functions and classes of the preloaded stdlib modules
     iterator_types: frozenset[type]
+    pristine_names: tuple[str, ...]  # `builtins` as taken: names and values, in the same order (audit)
+    pristine_values: tuple[Any, ...]
 
 
 def take_snapshot(shadow_names: list[str]) -> Snapshot:
@@ -83,7 +88,9 @@ def take_snapshot(shadow_names: list[str]) -> Snapshot:
                     func = getattr(member, "__func__", member)
                     keep.append(func)
                     trusted.add(id(func))
-    pristine = dict(vars(builtins))
+    # Fresh, equal copies of the names, made one after the other: a run's audit touches (and so copies)
+    # a few pages of them instead of the ~70 pages over which the interned originals are scattered.
+    pristine = {name.encode().decode(): value for name, value in vars(builtins).items()}
     real_import = builtins.__import__
 
     def shadow_import(name: str, globals: Any = None, locals: Any = None, fromlist: Any = (), level: int = 0):
@@ -99,7 +106,15 @@ def take_snapshot(shadow_names: list[str]) -> Snapshot:
     for sample in ([], (), "", b"", range(0), {}, set(), {}.values(), {}.items(), bytearray()):
         iterators.add(type(iter(sample)))
     iterators.update(v for v in vars(itertools).values() if isinstance(v, type))  # permutations, chain ...
-    snapshot = Snapshot(pristine, shadows, real, frozenset(trusted), frozenset(iterators))
+    snapshot = Snapshot(
+        pristine,
+        shadows,
+        real,
+        frozenset(trusted),
+        frozenset(iterators),
+        tuple(pristine),
+        tuple(pristine.values()),
+    )
     _KEEP.append(keep)
     return snapshot
 
@@ -203,7 +218,6 @@ class TestRuntime:
         self.tainted = ""  # why the test data can no longer be trusted (then no assert holds)
         self.originals: dict[int, Any] = {}  # id(guard wrapper) -> the program's own callable
         self.hooks: tuple[Any, Any] = (None, None)  # the exact objects test code reaches as CALL, ASSERT
-        self.pristine = tuple(snapshot.builtins.items())
 
     # ---------------------------------------------------------------------------------------------- values
 
@@ -280,13 +294,17 @@ class TestRuntime:
         raise TestFailed(why)
 
     def audit(self) -> None:
-        """After each step: the pristine builtins test code uses must be exactly as they were."""
-        builtins_now = self.snapshot.builtins
-        if len(builtins_now) != len(self.pristine) or any(
-            builtins_now.get(k) is not v for k, v in self.pristine
+        """After each step: the pristine builtins test code uses must be exactly as they were (same
+        names, each bound to the very same object; compared in C, against tuples the worker built once,
+        so a run neither rebuilds them nor runs a Python loop per name)."""
+        snapshot = self.snapshot
+        builtins_now = snapshot.builtins
+        names, values = snapshot.pristine_names, snapshot.pristine_values
+        if len(builtins_now) != len(names) or not all(
+            map(_is, map(builtins_now.get, names, itertools.repeat(_ABSENT)), values)
         ):
             builtins_now.clear()
-            builtins_now.update(self.pristine)
+            builtins_now.update(zip(names, values, strict=True))
             self.tainted = self.tainted or "the program changed the builtins of the test code"
 
     # ---------------------------------------------------------------------------------------------- calls

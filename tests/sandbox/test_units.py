@@ -9,7 +9,7 @@ from collections import Counter, OrderedDict, namedtuple
 
 import pytest
 
-from services.sandbox import values
+from services.sandbox import testruntime, values
 from services.sandbox.bench_human_eval import enable_exec_line
 from services.sandbox.executor import parse_frames
 from services.sandbox.frames import CASE, COMPILE_ERROR, DONE, HEADER, MEMORY, TEST
@@ -231,3 +231,67 @@ def test_commented_exec_line_is_enabled_with_the_right_indent(commented: str):
     compile(fixed, "execution.py", "exec")
     plain = "    exec(check_program, exec_globals)\n"
     assert enable_exec_line(plain) == plain
+
+
+def test_audit_restores_tampered_test_builtins_and_taints():
+    """The builtins test code sees are checked name by name, by identity, after every step: a changed,
+    added or removed name is put back and fails the rest of the run."""
+    snapshot = testruntime.take_snapshot(["math"])
+    original = dict(snapshot.builtins)
+    assert snapshot.pristine_names == tuple(original)
+    pairs = zip(snapshot.pristine_names, snapshot.pristine_values, strict=True)
+    assert all(snapshot.builtins[k] is v for k, v in pairs)
+    runtime = testruntime.TestRuntime(snapshot)
+    runtime.audit()
+    assert not runtime.tainted
+
+    def swap_none_valued(d: dict) -> None:  # a name bound to None removed, another added: same length
+        name = next((k for k, v in d.items() if v is None), None)
+        if name is None:  # no None-valued builtin here: make one, then tamper with it
+            d["psgpo_none"] = None
+            snapshot.pristine_names, snapshot.pristine_values = tuple(d), tuple(d.values())
+            original["psgpo_none"] = None
+            name = "psgpo_none"
+        del d[name]
+        d["other"] = 1
+
+    def renamed(d: dict) -> None:  # the same value under another name, in the last slot
+        last = next(reversed(d))
+        d["x" + last] = d.pop(last)
+
+    for tamper in (
+        lambda d: d.__setitem__("abs", lambda x: 0),
+        lambda d: d.__setitem__("new_name", 1),
+        lambda d: d.pop("len"),
+        renamed,
+        lambda d: d.__setitem__("abs", float("nan")),  # a value that is not even equal to itself
+        swap_none_valued,
+    ):
+        runtime = testruntime.TestRuntime(snapshot)
+        tamper(snapshot.builtins)
+        runtime.audit()
+        assert runtime.tainted == "the program changed the builtins of the test code"
+        assert snapshot.builtins == original
+        assert all(snapshot.builtins[k] is v for k, v in original.items())
+
+
+def test_failed_fork_leaks_no_fd(tmp_path, monkeypatch):
+    """fork refused (EAGAIN under a process limit): the run raises, and none of its 7 fds stays open."""
+    import errno
+    import os
+
+    from services.sandbox import executor as ex
+    from services.sandbox import isolation
+    from services.sandbox.harness import ChildJob
+
+    runner = ex.Executor(ex.Isolation(None, str(tmp_path / "run"), None), testruntime.take_snapshot([]))
+
+    def refused() -> int:
+        raise OSError(errno.EAGAIN, "fork: Resource temporarily unavailable")
+
+    monkeypatch.setattr(isolation, "raw_fork", refused)
+    before = set(os.listdir("/proc/self/fd"))
+    for _ in range(3):
+        with pytest.raises(OSError, match="fork"):
+            runner.run(ChildJob("script", "print(1)"), b"input", ex.Limits(1.0, 64, 1024, 1024), 0.0)
+    assert set(os.listdir("/proc/self/fd")) == before
