@@ -376,7 +376,10 @@ def demo(
     from services.demo import preset, run_demo
 
     cfg = preset(quick, seeds=seeds, steps=steps, parallel_runs=parallel_runs, sft_epochs=sft_epochs)
-    run_demo(out=out, cfg=cfg, fresh=fresh)
+    try:
+        run_demo(out=out, cfg=cfg, fresh=fresh)
+    except RuntimeError as exc:  # a child that failed or did not start: one line naming its log
+        raise UserError(f"{str(exc).splitlines()[0]} (rerun the same command to resume)") from None
 
 
 def main() -> None:

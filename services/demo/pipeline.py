@@ -154,9 +154,98 @@ def _train_runs(runs: list[PpoRun], cfg: DemoConfig, out: Path, ends: Endpoints,
     )
 
 
+def _prm_stages(stages: Stages, out: Path, cfg: DemoConfig, ends: Endpoints, rltf: PpoRun) -> dict[str, Any]:
+    """Samples from the RLTF run's checkpoints -> binary-search labels -> PRM training -> its evaluation
+    on the held-out tasks' labels; returns the evaluation report."""
+    from services.demo import prm_data
+
+    base, data, prm_dir = f"demo-{stages.nonce}", out / "prm_data", out / "prm"
+    mid = rltf.out_dir / "checkpoints" / f"step-{max(1, cfg.steps // 2):08d}" / "policy"
+    checkpoints = {"rltf-mid": mid, "rltf-final": rltf.out_dir / "policy"}
+
+    def sample() -> dict[str, int]:
+        data.mkdir(parents=True, exist_ok=True)
+        train = prm_data.subset(out / "tasks" / "train.jsonl", cfg.label_tasks, 0, data / "label_tasks.jsonl")
+        splits = {
+            "train": (train, data / "samples-train.jsonl"),
+            "test": (out / "tasks" / "test.jsonl", data / "samples-test.jsonl"),
+        }
+        return prm_data.sample_checkpoints(
+            checkpoints,
+            splits,
+            cfg.label_samples,
+            cfg,
+            ends,
+            base,
+            out / "logs",
+            out / "weights" / "sample",
+            cfg.parallel_runs,
+        )
+
+    def label() -> dict[str, Any]:
+        return {
+            split: prm_data.label(
+                data / f"samples-{split}.jsonl",
+                data / f"labels-{split}.jsonl",
+                checkpoints["rltf-final"],
+                f"{base}-rltf-final",
+                cfg,
+                ends,
+                base,
+                out / "logs",
+                out / "weights" / "label",
+                cfg.parallel_runs,
+            )
+            for split in ("train", "test")
+        }
+
+    def prm_eval() -> dict[str, Any]:
+        groups = prm_data.groups(data / "samples-test.jsonl", data / "groups-test.jsonl")
+        return prm_data.eval_prm(prm_dir, data / "labels-test.jsonl", groups, out / "prm_eval")
+
+    stages.run("sample", "samples from the RLTF checkpoints", sample)
+    stages.run("label", "binary-search labelling of the failed samples", label)
+    stages.run(
+        "prm_train",
+        "PRM training (training tasks' labels)",
+        lambda: prm_data.train_prm(data / "labels-train.jsonl", out / "sft", prm_dir, cfg),
+    )
+    return stages.run("prm_eval", "PRM evaluation (held-out tasks' labels)", prm_eval)
+
+
+def _evaluate(policies: dict[str, Path], out: Path, cfg: DemoConfig, sandbox_http: str) -> dict[str, Any]:
+    from services.demo import heldout
+
+    results = {}
+    for i, (name, policy) in enumerate(policies.items(), 1):
+        results[name] = heldout.evaluate_policy(
+            policy, out / "tasks" / "test.jsonl", sandbox_http, cfg.eval_samples, cfg.max_new_tokens
+        )
+        console.print(
+            f"  [{i}/{len(policies)}] {name}: pass@1 {results[name]['pass_at_1']:.3f} "
+            f"(long {results[name]['pass_at_1_long'] or 0:.3f})"
+        )
+    return results
+
+
+def _prm_summary(prm_report: dict[str, Any], label_reports: dict[str, Any]) -> dict[str, Any]:
+    lines, best = prm_report["labelled"]["lines"], prm_report.get("best_of_n") or {}
+    return {
+        "auc": lines["auc"],
+        "accuracy": lines["accuracy"],
+        "lines": lines["count"],
+        "response_auc": prm_report["labelled"]["responses"].get("auc_passed"),
+        "best_of_n": {
+            "n": round(best["samples"] / best["groups"]) if best.get("groups") else None,
+            **{k: best.get(k) for k in ("prm", "random", "logprob", "oracle")},
+        },
+        "labelling": {split: r.get("per_failed_response") for split, r in label_reports.items()},
+    }
+
+
 def run_demo(out: Path, cfg: DemoConfig) -> dict[str, Any]:
     """The whole pipeline; returns (and writes) results.json's content."""
-    from services.demo import heldout, prm_data, report, showcase
+    from services.demo import report, showcase
     from services.up import Stack, UpConfig
 
     out.mkdir(parents=True, exist_ok=True)
@@ -186,6 +275,8 @@ def run_demo(out: Path, cfg: DemoConfig) -> dict[str, Any]:
     t = time.perf_counter()
     stack.start()
     up_seconds = time.perf_counter() - t
+    rltf = _runs(out, cfg, stages.nonce, ["rltf"])
+    others = _runs(out, cfg, stages.nonce, [v for v in VARIANTS if v != "rltf"])
     try:
         sandbox = stack.services["sandbox"]
         ends = Endpoints(stack.redis_url, sandbox.grpc_target, sandbox.http_url)
@@ -195,135 +286,41 @@ def run_demo(out: Path, cfg: DemoConfig) -> dict[str, Any]:
             "hostile and buggy programs through the sandbox",
             lambda: showcase.sandbox_verdicts(sandbox.http_url),
         )
-        rltf = _runs(out, cfg, stages.nonce, ["rltf"])
         stages.run("ppo_rltf", "RLTF baseline runs", lambda: _train_runs(rltf, cfg, out, ends, None))
-
-        base = f"demo-{stages.nonce}"
-        first = rltf[0]
-        checkpoints = {
-            "rltf-mid": first.out_dir / "checkpoints" / f"step-{max(1, cfg.steps // 2):08d}" / "policy",
-            "rltf-final": first.out_dir / "policy",
-        }
-        data = out / "prm_data"
-
-        def sample() -> dict[str, int]:
-            data.mkdir(parents=True, exist_ok=True)
-            train = prm_data.subset(
-                out / "tasks" / "train.jsonl", cfg.label_tasks, 0, data / "label_tasks.jsonl"
-            )
-            splits = {
-                "train": (train, data / "samples-train.jsonl"),
-                "test": (out / "tasks" / "test.jsonl", data / "samples-test.jsonl"),
-            }
-            return prm_data.sample_checkpoints(
-                checkpoints,
-                splits,
-                cfg.label_samples,
-                cfg,
-                ends,
-                base,
-                out / "logs",
-                out / "weights" / "sample",
-                cfg.parallel_runs,
-            )
-
-        stages.run("sample", "samples from the RLTF checkpoints", sample)
-
-        def label() -> dict[str, Any]:
-            common = dict(
-                policy=checkpoints["rltf-final"],
-                tag=f"{base}-rltf-final",
-                cfg=cfg,
-                ends=ends,
-                run=base,
-                logs=out / "logs",
-                weights=out / "weights" / "label",
-                workers=cfg.parallel_runs,
-            )
-            return {
-                split: prm_data.label(
-                    data / f"samples-{split}.jsonl", data / f"labels-{split}.jsonl", **common
-                )
-                for split in ("train", "test")
-            }
-
-        stages.run("label", "binary-search labelling of the failed samples", label)
-        prm_dir = out / "prm"
-        stages.run(
-            "prm_train",
-            "PRM training (training tasks' labels)",
-            lambda: prm_data.train_prm(data / "labels-train.jsonl", out / "sft", prm_dir, cfg),
-        )
-
-        def prm_eval() -> dict[str, Any]:
-            groups = prm_data.groups(data / "samples-test.jsonl", data / "groups-test.jsonl")
-            return prm_data.eval_prm(prm_dir, data / "labels-test.jsonl", groups, out / "prm_eval")
-
-        prm_report = stages.run("prm_eval", "PRM evaluation (held-out tasks' labels)", prm_eval)
+        prm_report = _prm_stages(stages, out, cfg, ends, rltf[0])
         t = time.perf_counter()
-        prm_service = stack.add_prm(prm_dir)
+        prm = stack.add_prm(out / "prm")
         up_seconds += time.perf_counter() - t
-        ends = Endpoints(ends.redis_url, ends.sandbox_grpc, ends.sandbox_http, prm_service.grpc_target)
+        ends = Endpoints(ends.redis_url, ends.sandbox_grpc, ends.sandbox_http, prm.grpc_target)
         lines = stages.run(
             "prm_lines",
             "the trained PRM on example programs",
-            lambda: showcase.line_examples(out / "tasks" / "test.jsonl", prm_service.grpc_target),
+            lambda: showcase.line_examples(out / "tasks" / "test.jsonl", prm.grpc_target),
         )
-        others = _runs(out, cfg, stages.nonce, [v for v in VARIANTS if v != "rltf"])
-        stages.run("ppo_prm", "PSGPO and the ablations", lambda: _train_runs(others, cfg, out, ends, prm_dir))
-
-        def evaluate() -> dict[str, Any]:
-            policies = {"sft": out / "sft", **{r.name: r.out_dir / "policy" for r in rltf + others}}
-            results = {}
-            for i, (name, policy) in enumerate(policies.items(), 1):
-                results[name] = heldout.evaluate_policy(
-                    policy,
-                    out / "tasks" / "test.jsonl",
-                    sandbox.http_url,
-                    cfg.eval_samples,
-                    cfg.max_new_tokens,
-                )
-                console.print(
-                    f"  [{i}/{len(policies)}] {name}: pass@1 {results[name]['pass_at_1']:.3f} "
-                    f"(long {results[name]['pass_at_1_long'] or 0:.3f})"
-                )
-            return results
-
-        evals = stages.run("eval", "held-out evaluation of every policy", evaluate)
+        stages.run(
+            "ppo_prm", "PSGPO and the ablations", lambda: _train_runs(others, cfg, out, ends, out / "prm")
+        )
+        policies = {"sft": out / "sft", **{r.name: r.out_dir / "policy" for r in rltf + others}}
+        evals = stages.run(
+            "eval",
+            "held-out evaluation of every policy",
+            lambda: _evaluate(policies, out, cfg, sandbox.http_url),
+        )
     finally:
         stack.stop()
 
     variants = report.aggregate(evals, rltf + others)
-    lines_prm = prm_report["labelled"]["lines"]
-    best = prm_report.get("best_of_n") or {}
     results: dict[str, Any] = {
         "variants": variants,
         "sft": evals["sft"],
         "comparison": {key: report.compare(variants, key) for key in report.KEYS},
-        "prm": {
-            "auc": lines_prm["auc"],
-            "accuracy": lines_prm["accuracy"],
-            "lines": lines_prm["count"],
-            "response_auc": prm_report["labelled"]["responses"].get("auc_passed"),
-            "best_of_n": {
-                "n": round(best["samples"] / best["groups"]) if best.get("groups") else None,
-                "prm": best.get("prm"),
-                "random": best.get("random"),
-                "logprob": best.get("logprob"),
-                "oracle": best.get("oracle"),
-            },
-            "labelling": {
-                s: r.get("per_failed_response") for s, r in stages.state["stages"]["label"]["result"].items()
-            },
-        },
+        "prm": _prm_summary(prm_report, stages.state["stages"]["label"]["result"]),
         "programs": programs,
         "config": cfg.to_dict(),
         "stages": {**stages.seconds(), "services_up": up_seconds},
-        "seconds": 0.0,
     }
     results["plots"] = report.figures(out, rltf + others, out / "prm_eval", lines)
-    results["seconds"] = time.perf_counter() - t_start
-    results["seconds_all_sessions"] = sum(results["stages"].values())
+    results["seconds"] = time.perf_counter() - t_start  # this invocation (a resumed one reuses stages)
     table = report.markdown(results)
     (out / "results.md").write_text(table)
     (out / "results.json").write_text(json.dumps(results, indent=2))

@@ -128,7 +128,8 @@ def markdown(results: dict[str, Any]) -> str:
 def figures(
     out: Path, runs: Sequence[PpoRun], prm_eval_dir: Path | None, line_examples: list[dict[str, Any]]
 ) -> dict[str, str]:
-    """plots/learning_curves.png, plots/prm_calibration.png, plots/prm_lines.png; {name: path}."""
+    """plots/learning_curves.png, plots/prm_calibration.png, plots/prm_lines.png; {name: path relative to
+    out}."""
     from trainer.figures import write_learning_curves, write_line_scores
 
     plots = out / "plots"
@@ -148,7 +149,8 @@ def figures(
     calibration = prm_eval_dir / "calibration.png" if prm_eval_dir is not None else None
     if calibration is not None and calibration.is_file():
         shutil.copyfile(calibration, plots / "prm_calibration.png")
-        written["prm_calibration"] = str(plots / "prm_calibration.png")
+        written["prm_calibration"] = "plots/prm_calibration.png"
     if line_examples:
-        written["prm_lines"] = str(write_line_scores(plots / "prm_lines.png", line_examples))
+        write_line_scores(plots / "prm_lines.png", line_examples)
+        written["prm_lines"] = "plots/prm_lines.png"
     return written

@@ -1,4 +1,4 @@
-"""Every command of the GPU-cluster walkthrough (docs/demo.md) parses against the real CLI: the typer
+"""Every command of the GPU-cluster walkthrough (README.md) parses against the real CLI: the typer
 commands through click's own parser, the dataclass-flag commands (train ppo|sft|prm, eval prm, label)
 through `parse_dataclass` plus the arguments' own checks. Nothing is run (no GPU, no model here)."""
 
@@ -16,14 +16,14 @@ import typer
 from services.cli import app
 from trainer.cli_train import parse_dataclass
 
-DOC = Path(__file__).resolve().parents[2] / "docs" / "demo.md"
+DOC = Path(__file__).resolve().parents[2] / "README.md"
 ENV = {"REDIS": "redis://10.0.0.1:6379/0", "SANDBOX_GRPC": "10.0.0.2:50052", "SANDBOX_HTTP": "http://10.0.0.2:8002",
        "PRM_GRPC": "10.0.0.3:50051"}  # fmt: skip
 
 
 def _commands() -> list[list[str]]:
     text = DOC.read_text()
-    section = text[text.index("## On a GPU cluster") :]
+    section = text[text.index("### On a GPU cluster with a real model") :]
     block = re.search(r"```bash\n(.*?)```", section, re.S)
     assert block is not None, "the walkthrough's bash block is missing"
     commands = []

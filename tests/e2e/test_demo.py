@@ -1,11 +1,16 @@
 """`psgpo demo` as a user runs it (a child process), in a still smaller configuration than --quick (2 PPO
-steps, 1 SFT epoch), so the main job cannot silently break: every stage runs on the real stack."""
+steps, 1 SFT epoch), so the main job cannot silently break: every stage runs on the real stack. The first
+start is interrupted with Ctrl-C (SIGINT to the whole process group, as a terminal sends it) while the
+RLTF runs train; the same command then resumes and finishes."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,20 +21,57 @@ STAGES = {"tasks", "models", "sft", "sandbox_checks", "ppo_rltf", "sample", "lab
           "prm_lines", "ppo_prm", "eval", "services_up"}  # fmt: skip
 
 
+def _argv(out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "services.cli", "demo", "--quick", "--steps", "2", "--sft-epochs", "1",
+            "--out", str(out), *extra]  # fmt: skip
+
+
 def _demo(out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "services.cli", "demo", "--quick", "--steps", "2", "--sft-epochs", "1",
-         "--out", str(out), *extra],
-        capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
+    return subprocess.run(_argv(out, *extra), capture_output=True, text=True, timeout=900)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _interrupt_during_rltf(out: Path, tmp_path: Path) -> None:
+    """Start the demo, Ctrl-C it once the RLTF runs train: exit 130, one line, no process left behind."""
+    log = tmp_path / "first.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(
+            _argv(out), stdout=f, stderr=subprocess.PIPE, text=True, start_new_session=True
+        )
+    deadline = time.monotonic() + 600
+    while "RLTF baseline runs" not in log.read_text() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert proc.poll() is None, log.read_text()[-3000:]
+    time.sleep(8)  # the trainer and the worker are up and stepping
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=90)
+    assert proc.returncode == 130, log.read_text()[-2000:] + err
+    assert err.strip().splitlines()[-1] == "psgpo: interrupted"
+    for _ in range(50):  # Redis, services, workers, trainers: all stopped with the demo
+        if not _group_alive(proc.pid):
+            break
+        time.sleep(0.2)
+    assert not _group_alive(proc.pid), "processes of the interrupted demo are still running"
+    state = json.loads((out / "demo_state.json").read_text())
+    assert {"tasks", "models", "sft"} <= set(state["stages"]) and "ppo_rltf" not in state["stages"]
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
-def test_demo_smallest_configuration_then_resume(tmp_path: Path):
+def test_demo_smallest_configuration_interrupted_then_resumed(tmp_path: Path):
     out = tmp_path / "demo"
+    _interrupt_during_rltf(out, tmp_path)
     proc = _demo(out)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for stage in ("miniature benchmark tasks", "SFT of the tiny policy"):  # not redone after Ctrl-C
+        assert f"= {stage}: done earlier" in proc.stdout
     result = json.loads((out / "results.json").read_text())
     assert set(result["stages"]) == STAGES
     verdicts = {p["program"]: p["verdict"]["status"] for p in result["programs"]}
@@ -55,7 +97,7 @@ def test_demo_smallest_configuration_then_resume(tmp_path: Path):
     assert result["comparison"]["pass_at_1"]["verdict"].startswith("one seed")
     assert "auc" in result["prm"] and result["prm"]["lines"] > 0
     for name in ("learning_curves", "prm_calibration", "prm_lines"):
-        assert Path(result["plots"][name]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (out / result["plots"][name]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = (out / "results.md").read_text()
     assert "| PSGPO (dense + value init) | ✓ | ✓ |" in table and "| RLTF (unit tests only) |" in table
     assert "| policy |" in proc.stdout  # the table is printed
