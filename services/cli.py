@@ -380,6 +380,9 @@ def demo(
         run_demo(out=out, cfg=cfg, fresh=fresh)
     except RuntimeError as exc:  # a child that failed or did not start: one line naming its log
         raise UserError(f"{str(exc).splitlines()[0]} (rerun the same command to resume)") from None
+    except KeyboardInterrupt:  # Ctrl-C: every child is stopped by now (typer would print a bare newline)
+        print(f"psgpo demo: interrupted; rerun the same command to resume ({out})", file=sys.stderr)
+        raise typer.Exit(130) from None
 
 
 def main() -> None:

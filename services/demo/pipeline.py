@@ -12,6 +12,7 @@ checkpoint. A different configuration refuses to reuse the dir.
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import shutil
 import time
@@ -78,6 +79,26 @@ class Stages:
 
     def seconds(self) -> dict[str, float]:
         return {name: s["seconds"] for name, s in self.state["stages"].items()}
+
+
+def _lock(out: Path) -> Any:
+    """An exclusive lock on OUT/demo.lock: two demos on one OUT would train over each other's runs."""
+    import fcntl
+
+    handle = open(out / "demo.lock", "a+")  # noqa: SIM115 - kept open (locked) for the whole run
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "?"
+        handle.close()
+        raise UserError(
+            f"another psgpo demo (pid {holder}) is running on {out}; wait for it or use another --out"
+        ) from None
+    handle.truncate(0)
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
 
 
 def check_disk(out: Path, cfg: DemoConfig) -> None:
@@ -249,6 +270,7 @@ def run_demo(out: Path, cfg: DemoConfig) -> dict[str, Any]:
     from services.up import Stack, UpConfig
 
     out.mkdir(parents=True, exist_ok=True)
+    lock = _lock(out)  # held until this process exits
     check_disk(out, cfg)
     t_start = time.perf_counter()
     stages = Stages(out, cfg)
@@ -326,4 +348,5 @@ def run_demo(out: Path, cfg: DemoConfig) -> dict[str, Any]:
     (out / "results.json").write_text(json.dumps(results, indent=2))
     print(table, flush=True)  # plain: rich would wrap the Markdown
     console.print(f"wrote {out / 'results.json'}, {out / 'results.md'} and {out / 'plots'}")
+    lock.close()
     return results

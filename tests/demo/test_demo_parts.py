@@ -151,3 +151,18 @@ def test_not_enough_disk_is_one_clear_error(tmp_path: Path, monkeypatch: pytest.
         pipeline.check_disk(tmp_path, FULL)
     monkeypatch.setattr(pipeline.shutil, "disk_usage", lambda _: usage._replace(free=10 * 2**30))
     pipeline.check_disk(tmp_path, FULL)  # 10 GiB: enough
+
+
+def test_second_demo_on_the_same_out_is_refused(tmp_path: Path):
+    """A second `psgpo demo` on an OUT another one is using stops with one line naming the holder."""
+    import os
+
+    from services.demo.pipeline import _lock
+
+    first = _lock(tmp_path)
+    try:
+        with pytest.raises(UserError, match=rf"another psgpo demo \(pid {os.getpid()}\) is running on"):
+            _lock(tmp_path)
+    finally:
+        first.close()
+    _lock(tmp_path).close()  # released: the next one gets it

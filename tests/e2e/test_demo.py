@@ -53,7 +53,9 @@ def _interrupt_during_rltf(out: Path, tmp_path: Path) -> None:
     os.killpg(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=90)
     assert proc.returncode == 130, log.read_text()[-2000:] + err
-    assert err.strip().splitlines()[-1] == "psgpo: interrupted"
+    said = [line for line in err.splitlines() if line.startswith("psgpo")]
+    assert said == [f"psgpo demo: interrupted; rerun the same command to resume ({out})"], err[-2000:]
+    assert "Traceback" not in err
     for _ in range(50):  # Redis, services, workers, trainers: all stopped with the demo
         if not _group_alive(proc.pid):
             break
