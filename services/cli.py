@@ -386,6 +386,9 @@ def demo(
 
 
 def main() -> None:
+    from services.common.procs import die_with_parent
+
+    die_with_parent()  # a child of `psgpo up` / `psgpo demo` must not outlive it
     try:
         app()
     except UserError as exc:

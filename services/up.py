@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from services.common.errors import UserError
-from services.common.procs import ServiceProcess, start_service
+from services.common.procs import ServiceProcess, parent_env, start_service
 from services.common.redis_local import LocalRedis, free_port, start_redis
 
 LAYOUT_VERSION = 1
@@ -73,6 +73,27 @@ def _port_free(port: int) -> bool:
         except OSError:
             return False
     return True
+
+
+def _stop_stale_redis(pid: Any, folder: Path, notes: list[str]) -> None:
+    """A redis-server on this data dir left running by an `up` (or demo) that was killed (SIGKILL: no
+    clean stop): SIGTERM it (it flushes its AOF) before a new one opens the same files."""
+    if not isinstance(pid, int):
+        return
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        cwd = os.path.realpath(f"/proc/{pid}/cwd")  # redis-server runs in its --dir
+    except OSError:
+        return  # gone (or not Linux)
+    if b"redis-server" not in argv[0] or cwd != str(folder.resolve()):
+        return  # the pid now belongs to another process
+    notes.append(f"stopping the redis-server (pid {pid}) an earlier run left on {folder}")
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 15
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if Path(f"/proc/{pid}").exists():
+        os.kill(pid, signal.SIGKILL)
 
 
 def _pick(port: int, what: str, notes: list[str]) -> int:
@@ -135,6 +156,7 @@ class Stack:
             "prm_http": self.cfg.prm_ports[0],
             "prm_grpc": self.cfg.prm_ports[1],
         }
+        _stop_stale_redis(layout.get("redis_pid"), self.data / "redis", self.notes)
         self.ports = {key: _pick(recorded.get(key, port), key, self.notes) for key, port in defaults.items()}
         self.logs.mkdir(exist_ok=True)
 
@@ -145,6 +167,7 @@ class Stack:
             "ports": self.ports,
             "redis_url": self.redis_url,
             "pids": {c.name: c.proc.pid for c in self.children},
+            "redis_pid": self.redis.process.pid if self.redis is not None else None,
             "config": {k: str(v) for k, v in asdict(self.cfg).items()},
         }
         (self.data / "up.json").write_text(json.dumps(layout, indent=2))
@@ -184,7 +207,7 @@ class Stack:
         ]
         if name == "prm":
             args += ["--model", str(self.cfg.prm)]
-        svc = start_service(name, args, self.logs / f"{name}.log")
+        svc = start_service(name, args, self.logs / f"{name}.log", env=parent_env())
         self.services[name] = svc
         return Child(name, svc.proc, svc.log_path, f"{svc.http_url} grpc {svc.grpc_target}", restarts)
 
@@ -201,7 +224,12 @@ class Stack:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=log_path.open("a"),
-            env={**os.environ, "PYTHONUNBUFFERED": "1", "ROLLOUT_WEIGHTS_CACHE": str(self.data / "weights")},
+            env={
+                **os.environ,
+                "PYTHONUNBUFFERED": "1",
+                "ROLLOUT_WEIGHTS_CACHE": str(self.data / "weights"),
+                **parent_env(),
+            },  # fmt: skip
         )
         return Child(f"rollout-{i}", proc, log_path, f"run {self.cfg.run}", restarts)
 

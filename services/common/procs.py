@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+PARENT_ENV = "PSGPO_PARENT_PID"  # set by a supervisor (`psgpo up`, `psgpo demo`) for the children it starts
 LISTENING = re.compile(r"listening http=(?P<host>[^ ]+):(?P<http>\d+) grpc=[^ ]+:(?P<grpc>\d+)")
 
 
@@ -38,6 +39,32 @@ class ServiceProcess:
                 self.proc.kill()
                 self.proc.wait()
         return self.proc.returncode
+
+
+def parent_env() -> dict[str, str]:
+    """Environment for a child that must not outlive this process: the child's `psgpo` command reads it
+    and asks the kernel for SIGTERM when this process dies, even by SIGKILL (see `die_with_parent`)."""
+    return {PARENT_ENV: str(os.getpid())}
+
+
+def die_with_parent() -> None:
+    """In a `psgpo` command started with `parent_env()`: SIGTERM when the parent process dies (Linux
+    PR_SET_PDEATHSIG), so a killed supervisor leaves no trainer or worker writing into its runs; exit at
+    once when the parent is already gone. The variable is removed, so this process's own children do
+    not inherit it. The signal fires when the parent *thread* that started us exits: supervisors start
+    children from their main thread."""
+    import ctypes
+    import signal
+
+    value = os.environ.pop(PARENT_ENV, "")
+    if not value.isdigit():
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_pdeathsig = 1
+    if libc.prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0) != 0:
+        return  # not Linux: nothing to do
+    if os.getppid() != int(value):
+        sys.exit(f"psgpo: the process that started this one ({value}) has exited")
 
 
 def start_service(name: str, args: list[str], log_path: Path, env: dict[str, str] | None = None,

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from services.common.procs import parent_env
 from services.demo.config import VARIANTS, DemoConfig
 
 
@@ -33,6 +34,7 @@ def child_env(**extra: str) -> dict[str, str]:
         "OMP_NUM_THREADS": "1",
         "TOKENIZERS_PARALLELISM": "false",
         "PYTHONUNBUFFERED": "1",
+        **parent_env(),  # a killed demo leaves no trainer or worker behind
         **extra,
     }
 

@@ -109,3 +109,38 @@ def test_a_data_dir_from_another_version_is_refused_in_one_line(tiny_models: Pat
     )  # fmt: skip
     assert done.returncode == 2
     assert done.stderr.strip().count("\n") == 0 and "another version of psgpo" in done.stderr, done.stderr
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie (exited, not yet reaped) is gone for our purpose
+        return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def test_a_killed_up_leaves_no_service_behind_and_the_next_up_resumes(tiny_models: Path, tmp_path: Path):
+    """SIGKILL (no clean stop): the services and workers stop by themselves (parent-death signal); the
+    redis-server it left is stopped by the next `up` on the data dir, which then resumes the same data."""
+    data = tmp_path / "up"
+    proc, url = _start(data, tiny_models)
+    assert len(_trajectories(url, 1)) == 1
+    layout = json.loads((data / "up.json").read_text())
+    proc.kill()
+    proc.wait(10)
+    assert _wait(lambda: not any(_alive(pid) for pid in layout["pids"].values()), timeout=60), layout["pids"]
+    assert _alive(layout["redis_pid"])  # Redis is a plain binary: it does not know its parent died
+
+    proc, url_again = _start(data, tiny_models)
+    try:
+        assert not _alive(layout["redis_pid"]) and url_again == url  # the stale one stopped, its port reused
+        import redis
+
+        r = redis.Redis.from_url(url)
+        assert r.xlen("psgpo:uptest:trajectories") >= 1  # the data it held survived (AOF)
+        r.close()
+    finally:
+        _stop(proc, data)
