@@ -18,7 +18,19 @@ from pathlib import Path
 
 import numpy as np
 
-from trainer.plot import BLACK, GREY, LIGHT, SCALE, WHITE, _fmt, _labels, draw_line, draw_text, write_png
+from trainer.plot import (
+    BLACK,
+    GREY,
+    SCALE,
+    WHITE,
+    _fmt,
+    draw_axis_labels,
+    draw_line,
+    draw_text,
+    fit_axes,
+    text_width,
+    write_png,
+)
 
 Color = tuple[int, int, int]
 Series = tuple[list[float], list[float]]
@@ -51,10 +63,6 @@ BAR_W = 200
 AXIS_X = BAR_X0 + BAR_W // 2
 VALUE_X = BAR_X0 + BAR_W + 8
 LINES_W = VALUE_X + VALUE_CHARS * CHAR_W + 8
-
-
-def text_width(text: str) -> int:
-    return len(text) * CHAR_W
 
 
 def _clip(text: str, chars: int) -> str:
@@ -198,33 +206,14 @@ def draw_curves_panel(
         draw_text(img, x_lo + 8, (y_hi + y_lo) // 2 - 5, "NO FINITE VALUES", GREY)
         return img
 
-    s_min, s_max, v_min, v_max = min(xs), max(xs), min(ys), max(ys)
-    if v_max == v_min:
-        pad = abs(v_min) * 0.1 or 1.0
-        v_min, v_max = v_min - pad, v_max + pad
-    if s_max == s_min:
-        s_min, s_max = s_min - 1, s_max + 1
-
-    def px(s: float) -> float:
-        return x_lo + (s - s_min) / (s_max - s_min) * (x_hi - x_lo)
-
-    def py(v: float) -> float:
-        return y_lo - (v - v_min) / (v_max - v_min) * (y_lo - y_hi)
-
+    axes = fit_axes((x_lo, x_hi, y_lo, y_hi), xs, ys)
     for name, rows in bands.items():
         if rows:
-            _fill_band(img, rows, px, py, colors[name], (y_hi + 1, y_lo - 1))
-    if v_min < 0 < v_max:
-        img[int(round(py(0.0))), x_lo + 1 : x_hi] = LIGHT
-    low_label, high_label = _labels(v_min, v_max)
-    for label, v in ((high_label, v_max), (low_label, v_min)):
-        draw_text(img, max(0, x_lo - 4 - text_width(label)), int(py(v)) - 5, label)
-    draw_text(img, x_lo, y_lo + 8, _fmt(s_min))
-    last = _fmt(s_max)
-    draw_text(img, x_hi - text_width(last), y_lo + 8, last)
+            _fill_band(img, rows, axes.px, axes.py, colors[name], (y_hi + 1, y_lo - 1))
+    draw_axis_labels(img, axes)
 
     for name, rows in points.items():
-        screen = [(px(s), py(v)) for s, v in rows]
+        screen = [(axes.px(s), axes.py(v)) for s, v in rows]
         for (x0, y0), (x1, y1) in zip(screen, screen[1:], strict=False):
             draw_line(img, x0, y0, x1, y1, colors[name])
         if len(screen) <= 30:

@@ -11,6 +11,7 @@ import json
 import math
 import struct
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -96,6 +97,49 @@ def _labels(low: float, high: float) -> tuple[str, str]:
     return _fmt(low, digits), _fmt(high, digits)
 
 
+@dataclass(frozen=True)
+class Axes:
+    """A plot box in pixels (y_lo is the bottom row) and the data range it shows."""
+
+    x_lo: int
+    x_hi: int
+    y_lo: int
+    y_hi: int
+    s_min: float
+    s_max: float
+    v_min: float
+    v_max: float
+
+    def px(self, s: float) -> float:
+        return self.x_lo + (s - self.s_min) / (self.s_max - self.s_min) * (self.x_hi - self.x_lo)
+
+    def py(self, v: float) -> float:
+        return self.y_lo - (v - self.v_min) / (self.v_max - self.v_min) * (self.y_lo - self.y_hi)
+
+
+def fit_axes(box: tuple[int, int, int, int], xs: list[float], ys: list[float]) -> Axes:
+    """Axes over (x_lo, x_hi, y_lo, y_hi) showing the range of xs and ys (non-empty), widened when flat."""
+    s_min, s_max, v_min, v_max = min(xs), max(xs), min(ys), max(ys)
+    if v_max == v_min:
+        pad = abs(v_min) * 0.1 or 1.0
+        v_min, v_max = v_min - pad, v_max + pad
+    if s_max == s_min:
+        s_min, s_max = s_min - 1, s_max + 1
+    return Axes(*box, s_min, s_max, v_min, v_max)
+
+
+def draw_axis_labels(img: np.ndarray, axes: Axes) -> None:
+    """A light zero line when 0 is in range, min/max labels left of the y axis, first/last x below."""
+    if axes.v_min < 0 < axes.v_max:
+        img[int(round(axes.py(0.0))), axes.x_lo + 1 : axes.x_hi] = LIGHT
+    low_label, high_label = _labels(axes.v_min, axes.v_max)
+    for label, v in ((high_label, axes.v_max), (low_label, axes.v_min)):
+        draw_text(img, max(0, axes.x_lo - 4 - text_width(label)), int(axes.py(v)) - 5, label)
+    draw_text(img, axes.x_lo, axes.y_lo + 8, _fmt(axes.s_min))
+    last = _fmt(axes.s_max)
+    draw_text(img, axes.x_hi - text_width(last), axes.y_lo + 8, last)
+
+
 def draw_panel(title: str, steps: list[float], values: list[float]) -> np.ndarray:
     img = np.full((PANEL_H, PANEL_W, 3), WHITE, dtype=np.uint8)
     draw_text(img, LEFT, 6, title[: (PANEL_W - LEFT) // (4 * SCALE)])
@@ -109,28 +153,9 @@ def draw_panel(title: str, steps: list[float], values: list[float]) -> np.ndarra
     if not points:
         draw_text(img, LEFT + 8, (TOP + PANEL_H - BOTTOM) // 2, "NO FINITE VALUES", GREY)
         return img
-    s_min, s_max = min(p[0] for p in points), max(p[0] for p in points)
-    v_min, v_max = min(p[1] for p in points), max(p[1] for p in points)
-    if v_max == v_min:
-        pad = abs(v_min) * 0.1 or 1.0
-        v_min, v_max = v_min - pad, v_max + pad
-    if s_max == s_min:
-        s_min, s_max = s_min - 1, s_max + 1
-
-    def px(s: float) -> float:
-        return x_lo + (s - s_min) / (s_max - s_min) * (x_hi - x_lo)
-
-    def py(v: float) -> float:
-        return y_lo - (v - v_min) / (v_max - v_min) * (y_lo - y_hi)
-
-    if v_min < 0 < v_max:
-        img[int(round(py(0.0))), x_lo + 1 : x_hi] = LIGHT
-    low_label, high_label = _labels(v_min, v_max)
-    for label, v in ((high_label, v_max), (low_label, v_min)):
-        draw_text(img, max(0, x_lo - 4 - text_width(label)), int(py(v)) - 5, label)
-    draw_text(img, x_lo, y_lo + 8, _fmt(s_min))
-    last = _fmt(s_max)
-    draw_text(img, x_hi - text_width(last), y_lo + 8, last)
+    axes = fit_axes((x_lo, x_hi, y_lo, y_hi), [p[0] for p in points], [p[1] for p in points])
+    px, py = axes.px, axes.py
+    draw_axis_labels(img, axes)
     previous: tuple[float, float] | None = None
     for s, v in points:
         x, y = px(s), py(v)

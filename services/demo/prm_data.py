@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from services.demo.config import DemoConfig
-from services.demo.runs import Endpoints, start_worker, stop
+from services.demo.runs import Endpoints, serving
 from trainer.data import read_jsonl_rows
 
 STOP = ["\ndef ", "\nclass ", "\nif __name__", "\nprint("]
@@ -43,19 +43,7 @@ def sample_checkpoints(
         out.unlink(missing_ok=True)  # the stage is redone as a whole
     rows = dict.fromkeys(splits, 0)
     for i, (tag, policy) in enumerate(checkpoints.items()):
-        procs = [
-            start_worker(
-                policy,
-                f"{run}-sample",
-                ends,
-                logs / f"rollout-sample-{tag}-{w}.log",
-                weights,
-                prm=False,
-                consumer=f"sample-{tag}-{w}",
-            )
-            for w in range(workers)
-        ]
-        try:
+        with serving(policy, f"{run}-sample", ends, logs, weights, workers, f"sample-{tag}"):
             for name, (tasks, out) in splits.items():
                 args = SampleArgs(
                     tasks=str(tasks),
@@ -69,9 +57,6 @@ def sample_checkpoints(
                     timeout_s=300,
                 )
                 rows[name] += sample(args)
-        finally:
-            for proc in procs:
-                stop(proc)
     return rows
 
 
@@ -91,19 +76,7 @@ def label(
     from trainer.label_job import LabelArgs
     from trainer.label_job import label as label_job
 
-    procs = [
-        start_worker(
-            policy,
-            f"{run}-label",
-            ends,
-            logs / f"rollout-label-{i}.log",
-            weights,
-            prm=False,
-            consumer=f"label-{i}",
-        )
-        for i in range(workers)
-    ]
-    try:
+    with serving(policy, f"{run}-label", ends, logs, weights, workers, "label"):
         return label_job(
             LabelArgs(
                 input=samples,
@@ -119,13 +92,10 @@ def label(
                 probe_timeout_s=300,
             )
         )
-    finally:
-        for proc in procs:
-            stop(proc)
 
 
 def groups(samples: Path, out: Path) -> Path:
-    """Best-of-N groups ({"task_id", "prompt", "samples": [...]}) of one checkpoint's samples."""
+    """Best-of-N groups ({"task_id", "prompt", "samples": [...]}): every sample of a task, all checkpoints."""
     by_task: dict[str, dict[str, Any]] = {}
     for _, row in read_jsonl_rows(samples):
         group = by_task.setdefault(

@@ -43,9 +43,10 @@ def aggregate(evals: dict[str, dict[str, Any]], runs: Sequence[PpoRun]) -> dict[
         for key in KEYS:
             values = [e[key] for e in per_seed.values() if e.get(key) is not None]
             row[key], row[f"{key}_std"] = _stats(values)
-        last = [statistics.fmean(m["pass_rate"] for m in r.metrics()[-5:]) for r in mine if r.metrics()]
+        metrics = [rows for rows in (r.metrics() for r in mine) if rows]  # each run's file read once
+        last = [statistics.fmean(m["pass_rate"] for m in rows[-5:]) for rows in metrics]
         row["train_pass_rate_last5"] = statistics.fmean(last) if last else None
-        early = [m["value/explained_variance"] for r in mine for m in r.metrics()[:5]
+        early = [m["value/explained_variance"] for rows in metrics for m in rows[:5]
                  if isinstance(m.get("value/explained_variance"), int | float)
                  and math.isfinite(m["value/explained_variance"])]  # fmt: skip
         row["critic_explained_variance_first5"] = statistics.fmean(early) if early else None

@@ -8,7 +8,8 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,25 @@ def start_worker(
         stderr=log_path.open("a"),
         env=child_env(ROLLOUT_WEIGHTS_CACHE=str(weights)),
     )
+
+
+@contextmanager
+def serving(
+    policy: Path, run: str, ends: Endpoints, logs: Path, weights: Path, count: int, name: str
+) -> Iterator[None]:
+    """`count` rollout workers (no PRM scoring) serving `policy` on `run` while the block runs; logs
+    LOGS/rollout-NAME-i.log, consumers NAME-i."""
+    procs = [
+        start_worker(
+            policy, run, ends, logs / f"rollout-{name}-{i}.log", weights, prm=False, consumer=f"{name}-{i}"
+        )
+        for i in range(count)
+    ]
+    try:
+        yield
+    finally:
+        for proc in procs:
+            stop(proc)
 
 
 def stop(proc: subprocess.Popen[Any], timeout: float = 20.0) -> None:

@@ -28,8 +28,12 @@ def test_all_canonical_solutions_pass(sandbox: Sandbox, problems: list[dict]):
 
 
 def test_wrong_completions_fail(sandbox: Sandbox, problems: list[dict]):
-    # deliberately wrong completions (stubs a model might emit): each must fail every problem's tests
-    wrong_bodies = ["    return None\n", "    pass\n", "    return 0\n", "    raise NotImplementedError\n"]
+    wrong_bodies = [  # wrong on purpose (the stubs a model emits), not placeholders: each must fail
+        "    return None\n",
+        "    pass\n",
+        "    return 0\n",
+        "    raise NotImplementedError\n",
+    ]
     requests = [
         RunRequest(p["prompt"] + body, HumanEvalTests(p["test"], p["entry_point"]), 5.0)
         for p in problems[:40]
