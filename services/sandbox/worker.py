@@ -33,6 +33,7 @@ from services.sandbox.rewrite import (
     prepare_humaneval_tests,
 )
 from services.sandbox.testruntime import take_snapshot
+from services.sandbox.warmup import warm_up
 
 try:
     import orjson
@@ -80,6 +81,8 @@ class WorkerConfig:
     output_limit: int
     result_limit: int
     workers: int
+    warm_up: bool = True
+    cpu: int | None = None  # this worker and its runs stay on this CPU (None: anywhere)
 
     @classmethod
     def from_json(cls, text: str) -> WorkerConfig:
@@ -126,6 +129,8 @@ class Worker:
 
     def _setup(self) -> Executor:
         cfg = self.config
+        if cfg.cpu is not None:
+            os.sched_setaffinity(0, {cfg.cpu})
         isolation.set_parent_death_signal(signal.SIGKILL)
         isolation.set_child_subreaper()
         isolation.set_no_new_privs()  # inherited by every run; Landlock and seccomp require it
@@ -144,6 +149,8 @@ class Worker:
         prepare_run_dir(run_dir, uid)
         executor = Executor(Isolation(uid, run_dir, self._landlock(path_map, run_dir)), snapshot)
         isolation.apply_worker_rlimits(cfg.file_size, cfg.open_files, self._process_limit(uid, namespaced))
+        if cfg.warm_up:
+            warm_up(snapshot)
         self.layers += [
             isolation.Layer("rlimits", True, self.rlimit_detail),
             isolation.Layer("process group", True, "own session, killed whole; escaped descendants swept"),
