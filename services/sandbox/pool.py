@@ -256,11 +256,12 @@ def _frame(message: dict[str, Any]) -> bytes:
 
 
 def pin_plan(workers: int) -> list[int]:
-    """CPU of each worker slot: one CPU each while there are no more workers than CPUs this service may
-    use (a run then starts on the CPU its worker just left, with no cross-CPU TLB flushes on fork);
-    no pinning otherwise."""
+    """CPU of each worker slot: one each when there are exactly as many workers as CPUs this service
+    may use (a run then starts on the CPU its worker just left, with no cross-CPU TLB flushes on fork);
+    otherwise none. Fewer workers than CPUs usually means a share of a bigger machine (a container with
+    a CPU quota still sees every CPU of the node): pinning to the first CPUs would pile services up."""
     cpus = sorted(os.sched_getaffinity(0))
-    return cpus[:workers] if workers <= len(cpus) else []
+    return cpus if workers == len(cpus) else []
 
 
 def pick_uid_base(settings: SandboxSettings) -> int:
