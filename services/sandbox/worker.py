@@ -8,6 +8,7 @@ Protocol on the inherited socket, both ways: 4-byte big-endian length, then a JS
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import importlib
 import json
@@ -130,7 +131,8 @@ class Worker:
     def _setup(self) -> Executor:
         cfg = self.config
         if cfg.cpu is not None:
-            os.sched_setaffinity(0, {cfg.cpu})
+            with contextlib.suppress(OSError):  # the CPU left this cgroup's set since the plan: run anywhere
+                os.sched_setaffinity(0, {cfg.cpu})
         isolation.set_parent_death_signal(signal.SIGKILL)
         isolation.set_child_subreaper()
         isolation.set_no_new_privs()  # inherited by every run; Landlock and seccomp require it

@@ -72,3 +72,20 @@ def test_workers_and_their_runs_are_pinned(sandbox):
     if plan:
         result = sandbox.run("import os\nprint(sorted(os.sched_getaffinity(0)))\n")
         assert result.stdout.strip() in {f"[{cpu}]" for cpu in plan}, result
+
+
+def test_a_cpu_gone_from_the_set_does_not_stop_a_worker(monkeypatch):
+    """The plan is made once; a worker (re)started after its CPU left the cgroup's set runs unpinned."""
+    from services.sandbox import pool
+    from services.sandbox.client import AssertTests, SandboxClient
+    from tests.sandbox.conftest import start_sandbox
+
+    monkeypatch.setattr(pool, "pin_plan", lambda workers: [100_000 + slot for slot in range(workers)])
+    running = start_sandbox(workers=2)
+    try:
+        with SandboxClient(f"http://127.0.0.1:{running.http_port}") as client:
+            code = "import os\nprint(len(os.sched_getaffinity(0)))\n"
+            result = client.run(code, AssertTests("assert True\n"))
+        assert result.passed and result.stdout.strip() == str(len(os.sched_getaffinity(0))), result
+    finally:
+        running.stop()
