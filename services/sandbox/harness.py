@@ -128,10 +128,13 @@ class ChildJob:
     entry_point: str = ""
     fn: str = ""
     args: list[str] | None = None  # call mode: one JSON array per case, parsed before the program runs
+    compiled: Any = None  # the program compiled by the worker (precompile.py); None: the run compiles it
 
 
-def _compile_program(code: str, filename: str, channel: Channel) -> Any:
+def _compile_program(code: str, filename: str, channel: Channel, compiled: Any = None) -> Any:
     _SOURCE[filename] = code
+    if compiled is not None:
+        return compiled
     try:
         # dont_inherit: the program gets no __future__ flag of this module (annotations stay evaluated)
         return compile(code, filename, "exec", dont_inherit=True)
@@ -182,8 +185,8 @@ def _finish(code: int) -> NoReturn:
     _exit(code)
 
 
-def _load_program(code: str, channel: Channel) -> dict[Any, Any]:
-    program = _compile_program(code, "solution.py", channel)
+def _load_program(job: ChildJob, channel: Channel) -> dict[Any, Any]:
+    program = _compile_program(job.code, "solution.py", channel, job.compiled)
     namespace: dict[Any, Any] = {"__name__": "solution", "__builtins__": builtins}
     try:
         exec(program, namespace)
@@ -198,7 +201,7 @@ def _load_program(code: str, channel: Channel) -> dict[Any, Any]:
 
 
 def run_tests(job: ChildJob, snapshot: Snapshot, channel: Channel) -> NoReturn:
-    program = _load_program(job.code, channel)
+    program = _load_program(job, channel)
     runtime = TestRuntime(snapshot)
     entry = job.entry_point if job.mode == "humaneval" else None
     if entry is not None and not callable(program.get(entry)):
@@ -262,7 +265,7 @@ def _finish_with(channel: Channel, code: int) -> NoReturn:
 
 def run_call(job: ChildJob, snapshot: Snapshot, channel: Channel) -> NoReturn:
     cases = [_json_loads(text) for text in job.args or []]
-    program = _load_program(job.code, channel)
+    program = _load_program(job, channel)
     fn = program.get(job.fn)
     if not callable(fn):
         channel.send(MODULE_ERROR, -1, False, f"function {job.fn!r} is not defined by the program")
@@ -284,7 +287,7 @@ def run_call(job: ChildJob, snapshot: Snapshot, channel: Channel) -> NoReturn:
 
 def run_script(job: ChildJob, channel: Channel) -> NoReturn:
     """Run the program as __main__ (stdin is the case input); report how it ended."""
-    program = _compile_program(job.code, "solution.py", channel)
+    program = _compile_program(job.code, "solution.py", channel, job.compiled)
     namespace: dict[str, Any] = {"__name__": "__main__", "__builtins__": builtins, "__file__": "solution.py"}
     sys.argv[:] = ["solution.py"]
     how, code = EXIT_END, 0

@@ -123,6 +123,7 @@ class WorkerPool:
             result_limit=max(4 * s.output_limit_bytes, 4 * 1024 * 1024),
             workers=s.workers,
             warm_up=s.warm_up,
+            precompile=s.precompile,
             cpu=self.cpus[slot] if self.cpus else None,
         )
 

@@ -21,12 +21,14 @@ import sys
 import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
+from types import CodeType
 from typing import Any
 
 from services.sandbox import isolation
 from services.sandbox.executor import Executor, Isolation, Limits, prepare_run_dir, seal_worker_state
 from services.sandbox.frames import COMPILE_ERROR
 from services.sandbox.harness import ChildJob
+from services.sandbox.precompile import precompile
 from services.sandbox.rewrite import (
     InvalidTestCode,
     PreparedTests,
@@ -83,6 +85,7 @@ class WorkerConfig:
     result_limit: int
     workers: int
     warm_up: bool = True
+    precompile: bool = True  # the worker compiles the program before the fork (precompile.py)
     cpu: int | None = None  # this worker and its runs stay on this CPU (None: anywhere)
 
     @classmethod
@@ -284,11 +287,13 @@ class Worker:
             if isinstance(prepared, InvalidTestCode):
                 reply["test_error"] = str(prepared)
                 return reply
-            job = ChildJob(mode, message["code"], prepared, entry_point=message.get("entry_point", ""))
+            code, entry = message["code"], message.get("entry_point", "")
+            job = ChildJob(mode, code, prepared, entry_point=entry, compiled=self._compiled(code))
             reply["tests_total"] = prepared.total
             reply["runs"] = [self.executor.run(job, None, limits, deadline).to_wire()]
         elif mode == "call":
-            job = ChildJob("call", message["code"], fn=message["fn"], args=message["args"])
+            code, fn, args = message["code"], message["fn"], message["args"]
+            job = ChildJob("call", code, fn=fn, args=args, compiled=self._compiled(code))
             reply["runs"] = [self.executor.run(job, None, limits, deadline).to_wire()]
         elif mode == "script":
             reply["runs"] = self._script(message["code"], message["stdins"], limits, deadline)
@@ -298,7 +303,7 @@ class Worker:
 
     def _script(self, code: str, stdins: list[str], limits: Limits, deadline: float) -> list[dict[str, Any]]:
         runs = []
-        job = ChildJob("script", code)
+        job = ChildJob("script", code, compiled=self._compiled(code))
         for stdin in stdins:
             raw = self.executor.run(job, stdin.encode(), limits, deadline)
             runs.append(raw.to_wire())
@@ -306,6 +311,9 @@ class Worker:
             if raw.timed_out or raw.output_limit or compile_error or raw.setup_error:
                 break  # the remaining cases are not run (and count as failed)
         return runs
+
+    def _compiled(self, code: str) -> CodeType | None:
+        return precompile(code) if self.config.precompile else None
 
     def _prepare(self, mode: str, test: str) -> PreparedTests | InvalidTestCode:
         key = (mode, test)
