@@ -33,6 +33,9 @@ class SandboxSettings(ServiceSettings):
     grpc_port: int = Field(50052, ge=0, le=65535)
     max_request_bytes: int = Field(64 * 1024 * 1024, gt=0, description="largest request body (413 above)")
     workers: int = Field(default_factory=_cores, ge=1, le=512, description="concurrent runs (processes)")
+    worker_queue: int = Field(
+        2, ge=1, le=8, description="jobs sent ahead to each worker, which starts the next at once (1: none)"
+    )
     allow_insecure_public: bool = Field(False, description="allow a non-loopback bind without an auth token")
 
     # limits a request may ask for (clamped to these) and their defaults

@@ -15,8 +15,8 @@ from services.common.runner import Running, start_in_thread
 from services.sandbox.client import AssertTests, RunResult, SandboxClient, TestSpec
 from services.sandbox.config import SandboxSettings
 from services.sandbox.core import SandboxCore
-from services.sandbox.pool import processes_of_uid
 from services.sandbox.server import make_factory
+from services.sandbox.uids import processes_of_uid
 
 # Put in the service's own environment before it starts: no run may ever see it.
 SECRET = f"psgpo-sandbox-secret-{uuid.uuid4().hex}"
