@@ -250,6 +250,8 @@ class WorkerPool:
 
     async def _slot(self) -> WorkerHandle:
         """A worker with a slot reserved for the caller: at once when one is free, else in turn."""
+        if self._closing:
+            raise WorkerCrashed("the sandbox is stopping")
         handle = self._least_loaded()
         if handle is not None and not self._waiters:
             handle.reserved += 1
