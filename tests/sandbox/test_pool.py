@@ -136,3 +136,23 @@ def test_a_worker_that_stops_answering_is_replaced_by_the_backstop(monkeypatch):
         except ProcessLookupError:
             pass
         running.stop()
+
+
+def test_a_job_sent_ahead_gets_its_whole_timeout():
+    """Its deadline starts when the worker starts it, not when it was sent: a job queued behind one
+    that runs into its timeout still has all of its own."""
+    running = start_sandbox(workers=1, worker_queue=2)
+    try:
+        handle = _core(running).pool.handles[0]
+        jobs = [
+            ("while True:\n    pass\n", "assert True\n"),
+            ("import time\ntime.sleep(0.7)\ndef f():\n    return 2\n", "assert f() == 2\n"),
+        ]
+        started = time.monotonic()
+        executor, futures = _run_concurrently(running, jobs, timeout_s=1.0, staged=lambda: handle.load > 0)
+        spinner, sleeper = (f.result(30) for f in futures)
+        executor.shutdown()
+        assert spinner.status.value == "timeout" and sleeper.passed, (spinner, sleeper)
+        assert time.monotonic() - started < 1.0 + 0.7 + 1.5  # one after the other, each in its own time
+    finally:
+        running.stop()
