@@ -252,6 +252,8 @@ class WorkerPool:
         """A worker with a slot reserved for the caller: at once when one is free, else in turn."""
         if self._closing:
             raise WorkerCrashed("the sandbox is stopping")
+        while self._waiters and self._waiters[0].done():  # callers that went away
+            self._waiters.popleft()
         handle = self._least_loaded()
         if handle is not None and not self._waiters:
             handle.reserved += 1
@@ -263,9 +265,9 @@ class WorkerPool:
         except asyncio.CancelledError:
             if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
                 waiter.result().reserved -= 1  # handed a slot just as the caller went away: give it back
-                self._hand_over()
             elif waiter in self._waiters:
                 self._waiters.remove(waiter)
+            self._hand_over()  # to the next caller (one may have queued behind this one meanwhile)
             raise
 
     def _least_loaded(self) -> WorkerHandle | None:

@@ -3,6 +3,7 @@ a worker holding several jobs dies or stops answering."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import time
@@ -156,3 +157,34 @@ def test_a_job_sent_ahead_gets_its_whole_timeout():
         assert time.monotonic() - started < 1.0 + 0.7 + 1.5  # one after the other, each in its own time
     finally:
         running.stop()
+
+
+async def test_callers_that_stop_waiting_for_a_slot_strand_nobody():
+    """Callers cancelled while they wait for a slot (their client went away) leave the queue; the next
+    caller still gets the worker, at once when nothing else is running."""
+    from prometheus_client import CollectorRegistry
+
+    from services.sandbox.client import RunRequest
+    from services.sandbox.config import SandboxSettings
+    from services.sandbox.core import SandboxCore
+
+    core = SandboxCore(SandboxSettings(workers=1, worker_queue=1, pin_cpus=False), CollectorRegistry())
+    await core.start()
+    try:
+        slow = asyncio.ensure_future(core.run(RunRequest(SLOW, AssertTests("assert f() == 1\n"), 5.0)))
+        await asyncio.sleep(0.2)
+        waiting = [
+            asyncio.ensure_future(core.run(RunRequest(QUICK, AssertTests("assert f() == 2\n"), 5.0)))
+            for _ in range(3)
+        ]
+        await asyncio.sleep(0.1)
+        assert core.pool.stats.waiting == 3
+        for task in waiting:
+            task.cancel()
+        await asyncio.gather(*waiting, return_exceptions=True)
+        assert core.pool.stats.waiting == 0
+        assert (await slow).passed
+        quick = await asyncio.wait_for(core.run(RunRequest(QUICK, AssertTests("assert f() == 2\n"), 5.0)), 10)
+        assert quick.passed and core.pool.free_slots() == 1
+    finally:
+        await core.stop()
