@@ -168,6 +168,7 @@ def build_router(core: SandboxCore) -> APIRouter:
         return JsonResponse(
             {
                 "workers": s.workers,
+                "worker_queue": s.worker_queue,  # jobs in flight at most: workers x worker_queue
                 "isolation": [
                     {"name": layer.name, "active": layer.active, "detail": layer.detail}
                     for layer in core.pool.layers

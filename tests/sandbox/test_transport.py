@@ -136,7 +136,7 @@ def test_metrics_health_info(sandbox: Sandbox):
     assert httpx.get(f"{sandbox.http_url}/healthz").json() == {"status": "ok"}
     assert httpx.get(f"{sandbox.http_url}/readyz").status_code == 200
     info = httpx.get(f"{sandbox.http_url}/v1/info").json()
-    assert info["workers"] == 2 and info["limits"]["max_timeout_s"] == 30.0
+    assert info["workers"] == 2 and info["worker_queue"] == 2 and info["limits"]["max_timeout_s"] == 30.0
     assert {layer["name"] for layer in info["isolation"]} >= {
         "seccomp",
         "landlock",
