@@ -45,6 +45,10 @@ BOOT = (
     "from services.sandbox.worker import main; main(sys.argv[2], sys.argv[3])"
 )
 BACKSTOP_GRACE_S = 10.0  # a worker that overruns its job's deadline by this much is killed
+RESPAWN_FIRST_DELAY_S, RESPAWN_MAX_DELAY_S = (
+    0.5,
+    30.0,
+)  # a worker that cannot be restarted: retried, backing off
 
 
 class WorkerCrashed(RuntimeError):
@@ -125,6 +129,8 @@ class WorkerPool:
             if not waiter.done():
                 waiter.set_exception(WorkerCrashed("the sandbox is stopping"))
                 waiter.exception()  # retrieved: a caller that went away must not log it
+        for task in list(self._replacing):
+            task.cancel()  # a restart waiting to retry
         for handle in list(self.handles.values()):
             handle.lost = True
             await self._shutdown(handle)
@@ -362,17 +368,25 @@ class WorkerPool:
         if handle.replies is not None and handle.replies is not asyncio.current_task():
             handle.replies.cancel()
         self.stats.alive -= 1
-        if self._closing:
+        delay = RESPAWN_FIRST_DELAY_S
+        while not self._closing:
+            try:
+                fresh = await self._spawn(handle.slot)
+            except (RuntimeError, OSError) as exc:
+                log.error(
+                    "sandbox worker %d could not be restarted (%s); retrying in %.1f s",
+                    handle.slot,
+                    exc,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, RESPAWN_MAX_DELAY_S)
+                continue
+            self._add(fresh)
+            self.stats.alive += 1
+            self.stats.restarts += 1
+            self._hand_over()
             return
-        self.stats.restarts += 1
-        try:
-            fresh = await self._spawn(handle.slot)
-        except RuntimeError:
-            log.exception("sandbox worker %d could not be restarted", handle.slot)
-            return
-        self._add(fresh)
-        self.stats.alive += 1
-        self._hand_over()
 
 
 async def _read(reader: asyncio.StreamReader) -> dict[str, Any]:

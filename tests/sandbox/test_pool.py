@@ -188,3 +188,32 @@ async def test_callers_that_stop_waiting_for_a_slot_strand_nobody():
         assert quick.passed and core.pool.free_slots() == 1
     finally:
         await core.stop()
+
+
+def test_a_worker_that_cannot_be_restarted_is_tried_again(monkeypatch):
+    """A restart that fails (no memory, no processes left) is retried, backing off, until it works:
+    the slot is not lost for good, and the run that was waiting for it gets its verdict."""
+    monkeypatch.setattr(pool, "RESPAWN_FIRST_DELAY_S", 0.05)
+    failures = {"left": 0}
+    spawn = pool.WorkerPool._spawn
+
+    async def flaky_spawn(self, slot: int):
+        if failures["left"] > 0:
+            failures["left"] -= 1
+            raise OSError(11, "Resource temporarily unavailable (injected)")
+        return await spawn(self, slot)
+
+    monkeypatch.setattr(pool.WorkerPool, "_spawn", flaky_spawn)
+    running = start_sandbox(workers=1)
+    try:
+        core = _core(running)
+        victim = core.pool.handles[0].pid
+        failures["left"] = 3
+        os.kill(victim, signal.SIGKILL)
+        assert _wait_for(lambda: failures["left"] == 0), "the restart was not retried"
+        with SandboxClient(f"http://127.0.0.1:{running.http_port}", timeout_s=60.0) as client:
+            assert client.run(QUICK, AssertTests("assert f() == 2\n"), 5.0).passed
+        assert core.pool.stats.alive == 1 and core.pool.stats.restarts == 1
+        assert core.pool.handles[0].pid != victim
+    finally:
+        running.stop()
