@@ -82,6 +82,18 @@ def _write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def save_final_policy(path: Path, model: nn.Module, weights: dict[str, Any], tokenizer: Any) -> None:
+    """The trained policy as a `from_pretrained` dir, written aside and then renamed into place: a run
+    stopped in the middle of the save (Ctrl-C, a kill) never leaves a policy with half its files, which a
+    resumed caller would take for a finished run."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, state_dict=weights, safe_serialization=True)  # type: ignore[operator]
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+
+
 def save_checkpoint(
     out_dir: Path,
     state: TrainerState,

@@ -70,6 +70,7 @@ from trainer.checkpoint import (
     latest_checkpoint,
     load_trainer_state,
     save_checkpoint,
+    save_final_policy,
     set_rng_state,
     truncate_jsonl,
 )
@@ -666,9 +667,7 @@ def train(args: PPOArgs, stop: Callable[[], bool] | None = None) -> TrainResult:
 
     final_weights = full_state_dict(policy, dist, args)  # every rank gathers under FSDP
     if dist.main:
-        final = out_dir / "policy"
-        unwrap(policy).save_pretrained(final, state_dict=final_weights, safe_serialization=True)
-        tokenizer.save_pretrained(final)
+        save_final_policy(out_dir / "policy", unwrap(policy), final_weights, tokenizer)
     del final_weights
     barrier(dist)
     if dist.initialized_here:
