@@ -122,9 +122,9 @@ def test_a_worker_that_stops_answering_is_replaced_by_the_backstop(monkeypatch):
     try:
         core = _core(running)
         handle = core.pool.handles[0]
-        executor, futures = _run_concurrently(running, [(QUICK, "assert f() == 2\n")], timeout_s=1.0)
-        os.kill(handle.pid, signal.SIGSTOP)  # the worker hangs (its job, if started, cannot be read)
+        os.kill(handle.pid, signal.SIGSTOP)  # the worker hangs: the job sent to it gets no answer
         started = time.monotonic()
+        executor, futures = _run_concurrently(running, [(QUICK, "assert f() == 2\n")], timeout_s=1.0)
         result = futures[0].result(60)
         executor.shutdown()
         assert result.passed, result  # retried on the replacement
