@@ -67,7 +67,7 @@ class SandboxMetrics:
         self.rejected = Counter("sandbox_rejected_total", "refused requests", ["reason"], registry=registry)
         self.failures = Counter("sandbox_failures_total", "runs left without a verdict", registry=registry)
         busy = Gauge("sandbox_pool_busy", "workers running a job", registry=registry)
-        busy.set_function(lambda: pool.stats.busy)
+        busy.set_function(pool.busy)
         alive = Gauge("sandbox_pool_workers", "live worker processes", registry=registry)
         alive.set_function(lambda: pool.stats.alive)
         waiting = Gauge("sandbox_queue_depth", "runs waiting for a worker", registry=registry)

@@ -72,7 +72,6 @@ class WorkerHandle:
     writer: asyncio.StreamWriter
     layers: list[Layer]
     uid: int | None
-    jobs: int = 0  # answered
     pending: deque[Pending] = field(default_factory=deque)  # sent, in order: the first is running
     reserved: int = 0  # slots promised to callers that have not sent their job yet
     lost: bool = False  # dead or being replaced: gets no more jobs
@@ -90,7 +89,6 @@ class WorkerHandle:
 
 @dataclass(slots=True)
 class PoolStats:
-    busy: int = 0
     waiting: int = 0
     restarts: int = 0
     alive: int = 0
@@ -126,9 +124,7 @@ class WorkerPool:
     async def stop(self) -> None:
         self._closing = True
         for waiter in self._waiters:
-            if not waiter.done():
-                waiter.set_exception(WorkerCrashed("the sandbox is stopping"))
-                waiter.exception()  # retrieved: a caller that went away must not log it
+            _fail(waiter, "the sandbox is stopping")
         for task in list(self._replacing):
             task.cancel()  # a restart waiting to retry
         for handle in list(self.handles.values()):
@@ -248,7 +244,6 @@ class WorkerPool:
         handle.pending.append(pending)
         if len(handle.pending) == 1:
             self._watch(handle)
-        self._count_busy()
         handle.writer.write(LENGTH.pack(len(payload)) + payload)
         with contextlib.suppress(ConnectionError, OSError):  # a dead worker: its reader fails the job
             await handle.writer.drain()
@@ -307,12 +302,10 @@ class WorkerPool:
                 if not handle.pending or reply.get("id") != handle.pending[0].job_id:
                     raise ValueError(f"an answer to job {reply.get('id')} out of turn")
                 done = handle.pending.popleft()
-                handle.jobs += 1
                 if handle.pending:
                     self._watch(handle)
                 elif handle.watchdog is not None:
                     handle.watchdog.cancel()
-                self._count_busy()
                 if not done.answer.done():
                     done.answer.set_result(reply)
                 self._hand_over()
@@ -339,7 +332,6 @@ class WorkerPool:
         """Take the worker out of service now; kill and replace it in the background."""
         handle.lost = True
         self._fail_pending(handle, f"sandbox worker {handle.slot} failed during a run ({why.split(':')[0]})")
-        self._count_busy()
         task = asyncio.ensure_future(self._replace(handle, why))
         self._replacing.add(task)
         task.add_done_callback(self._replacing.discard)
@@ -348,13 +340,11 @@ class WorkerPool:
         if handle.watchdog is not None:
             handle.watchdog.cancel()
         while handle.pending:
-            answer = handle.pending.popleft().answer
-            if not answer.done():
-                answer.set_exception(WorkerCrashed(why))
-                answer.exception()  # retrieved: a caller that went away must not log it
+            _fail(handle.pending.popleft().answer, why)
 
-    def _count_busy(self) -> None:
-        self.stats.busy = sum(1 for handle in self.handles.values() if handle.pending)
+    def busy(self) -> int:
+        """Workers running a job now."""
+        return sum(1 for handle in self.handles.values() if handle.pending and not handle.lost)
 
     def _add(self, handle: WorkerHandle) -> None:
         self.handles[handle.slot] = handle
@@ -387,6 +377,12 @@ class WorkerPool:
             self.stats.restarts += 1
             self._hand_over()
             return
+
+
+def _fail(future: asyncio.Future[Any], why: str) -> None:
+    if not future.done():
+        future.set_exception(WorkerCrashed(why))
+        future.exception()  # retrieved: a caller that went away must not have it logged
 
 
 async def _read(reader: asyncio.StreamReader) -> dict[str, Any]:

@@ -113,6 +113,6 @@ def test_cancelled_calls_give_their_worker_back():
         with SandboxGrpcClient(target, timeout_s=30) as patient:
             assert patient.run("def f():\n    return 1\n", AssertTests("assert f() == 1\n")).passed
         core = running.service.core  # type: ignore[union-attr]
-        assert core.pool.stats.busy == 0 and core.pool.free_slots() == core.pool.depth
+        assert core.pool.busy() == 0 and core.pool.free_slots() == core.pool.depth
     finally:
         running.stop()
