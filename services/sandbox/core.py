@@ -189,6 +189,11 @@ class SandboxCore:
         self.metrics.run_seconds.observe(run.duration_ms / 1000.0)
         return run
 
+    def serving(self) -> bool:
+        """Readiness: started, not stopping, and at least one worker alive (while every worker is being
+        restarted, runs would only wait)."""
+        return self.ready and self.pool.stats.alive > 0
+
     def full(self) -> bool:
         """No run can be admitted now (the HTTP guard sheds before parsing)."""
         return self.pool.stats.waiting >= self.settings.max_queue

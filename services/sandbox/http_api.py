@@ -169,6 +169,7 @@ def build_router(core: SandboxCore) -> APIRouter:
             {
                 "workers": s.workers,
                 "worker_queue": s.worker_queue,  # jobs in flight at most: workers x worker_queue
+                "huge_pages_kib": core.pool.huge_kib(),  # per worker, as started (hugepages.py)
                 "isolation": [
                     {"name": layer.name, "active": layer.active, "detail": layer.detail}
                     for layer in core.pool.layers
@@ -201,8 +202,6 @@ def create_app(core: SandboxCore, registry: CollectorRegistry, token: str | None
         default_response_class=JsonResponse,
     )
     app.include_router(build_router(core))
-    install_common(
-        app, registry, "sandbox", core.settings.max_request_bytes, token, lambda: core.ready, core.full
-    )
+    install_common(app, registry, "sandbox", core.settings.max_request_bytes, token, core.serving, core.full)
     refresh_known_paths(app)
     return app

@@ -77,6 +77,7 @@ class WorkerHandle:
     lost: bool = False  # dead or being replaced: gets no more jobs
     replies: asyncio.Task[None] | None = None
     watchdog: asyncio.TimerHandle | None = None
+    huge_kib: int = 0  # the worker's memory in 2 MB pages (hugepages.py), as it started
 
     @property
     def pid(self) -> int:
@@ -160,6 +161,7 @@ class WorkerPool:
             workers=s.workers,
             warm_up=s.warm_up,
             precompile=s.precompile,
+            huge_pages=s.huge_pages,
             cpu=self.cpus[slot] if self.cpus else None,
         )
 
@@ -196,7 +198,8 @@ class WorkerPool:
                 f"sandbox worker {slot} failed to start (exit code {process.returncode})"
             ) from exc
         layers = [Layer(**layer) for layer in hello["layers"]]
-        return WorkerHandle(slot, process, reader, writer, layers, config.uid if os.getuid() == 0 else None)
+        uid = config.uid if os.getuid() == 0 else None
+        return WorkerHandle(slot, process, reader, writer, layers, uid, huge_kib=hello.get("huge_kib", 0))
 
     async def _shutdown(self, handle: WorkerHandle) -> None:
         with contextlib.suppress(Exception):
@@ -341,6 +344,10 @@ class WorkerPool:
             handle.watchdog.cancel()
         while handle.pending:
             _fail(handle.pending.popleft().answer, why)
+
+    def huge_kib(self) -> list[int]:
+        """Each worker's memory in 2 MB pages as it started, by slot (hugepages.py)."""
+        return [self.handles[slot].huge_kib for slot in sorted(self.handles)]
 
     def busy(self) -> int:
         """Workers running a job now."""

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 from types import CodeType
 from typing import Any
 
-from services.sandbox import isolation
+from services.sandbox import hugepages, isolation
 from services.sandbox.executor import Executor, Isolation, Limits, prepare_run_dir, seal_worker_state
 from services.sandbox.frames import COMPILE_ERROR
 from services.sandbox.harness import ChildJob
@@ -86,6 +86,7 @@ class WorkerConfig:
     workers: int
     warm_up: bool = True
     precompile: bool = True  # the worker compiles the program before the fork (precompile.py)
+    huge_pages: bool = True  # the worker's heap in 2 MB pages (hugepages.py)
     cpu: int | None = None  # this worker and its runs stay on this CPU (None: anywhere)
 
     @classmethod
@@ -166,6 +167,8 @@ class Worker:
             seccomp.apply()  # from here on the worker itself, and so every run, is under the filter
         gc.collect()
         gc.freeze()
+        if cfg.huge_pages:
+            hugepages.collapse()  # last: nothing the worker sets up afterwards lands outside them
         return executor
 
     def _process_limit(self, uid: int | None, namespaced: bool) -> int:
@@ -259,7 +262,8 @@ class Worker:
     # ------------------------------------------------------------------------------------------ serve
 
     def serve(self) -> None:
-        send(self.sock, {"hello": os.getpid(), "layers": [asdict(layer) for layer in self.layers]})
+        layers = [asdict(layer) for layer in self.layers]
+        send(self.sock, {"hello": os.getpid(), "layers": layers, "huge_kib": hugepages.huge_kib()})
         while True:
             message = receive(self.sock)
             if message is None or message.get("exit"):

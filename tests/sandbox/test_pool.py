@@ -192,7 +192,8 @@ async def test_callers_that_stop_waiting_for_a_slot_strand_nobody():
 
 def test_a_worker_that_cannot_be_restarted_is_tried_again(monkeypatch):
     """A restart that fails (no memory, no processes left) is retried, backing off, until it works:
-    the slot is not lost for good, and the run that was waiting for it gets its verdict."""
+    the slot is not lost for good, and the run that was waiting for it gets its verdict. Meanwhile,
+    with no worker alive, the service says it is not ready."""
     monkeypatch.setattr(pool, "RESPAWN_FIRST_DELAY_S", 0.05)
     failures = {"left": 0}
     spawn = pool.WorkerPool._spawn
@@ -208,9 +209,13 @@ def test_a_worker_that_cannot_be_restarted_is_tried_again(monkeypatch):
     try:
         core = _core(running)
         victim = core.pool.handles[0].pid
-        failures["left"] = 3
+        url = f"http://127.0.0.1:{running.http_port}"
+        assert httpx.get(f"{url}/readyz").status_code == 200
+        failures["left"] = 6  # retried after 0.05, 0.1, 0.2, 0.4, 0.8, 1.6 s
         os.kill(victim, signal.SIGKILL)
-        assert _wait_for(lambda: failures["left"] == 0), "the restart was not retried"
+        assert _wait_for(lambda: httpx.get(f"{url}/readyz").status_code == 503), "ready with no worker"
+        assert _wait_for(lambda: failures["left"] == 0, 20), "the restart was not retried"
+        assert _wait_for(lambda: httpx.get(f"{url}/readyz").status_code == 200, 30), "not ready again"
         with SandboxClient(f"http://127.0.0.1:{running.http_port}", timeout_s=60.0) as client:
             assert client.run(QUICK, AssertTests("assert f() == 2\n"), 5.0).passed
         assert core.pool.stats.alive == 1 and core.pool.stats.restarts == 1
