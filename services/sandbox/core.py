@@ -12,13 +12,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import marshal
 import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from services.common.errors import InvalidInput, Overloaded, TooLarge, Unavailable
@@ -219,8 +219,9 @@ class SandboxCore:
         for attempt in (1, 2):
             job["id"] = self.pool.next_id()
             try:
-                payload = orjson.dumps(job)
-            except orjson.JSONEncodeError as exc:
+                _check_text(job)
+                payload = marshal.dumps(job)
+            except (UnicodeEncodeError, ValueError) as exc:  # lone surrogates; what marshal cannot write
                 raise InvalidInput(f"request is not encodable: {exc}") from None
             try:
                 reply = await self.pool.submit(job, payload, timeout_s)
@@ -245,6 +246,19 @@ class SandboxCore:
         if isinstance(tests, CallTests):
             return judge_call(runs[0], tests.cases, self.tolerance, clip_at)
         return judge_tests(runs[0], int(reply["tests_total"]), clip_at)
+
+
+def _check_text(value: Any) -> None:
+    """Every string in a job is valid UTF-8 text (a lone surrogate is not): the worker decodes and
+    compiles it, and the verdict quotes it back."""
+    if type(value) is str:
+        value.encode("utf-8")
+    elif type(value) is dict:
+        for item in value.values():
+            _check_text(item)
+    elif type(value) in (list, tuple):
+        for item in value:
+            _check_text(item)
 
 
 def _utf8_len(text: str) -> int:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import marshal
 import os
 import shutil
 import socket
@@ -29,8 +30,6 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import orjson
 
 from services.sandbox.config import SandboxSettings
 from services.sandbox.isolation import Layer
@@ -395,11 +394,11 @@ def _fail(future: asyncio.Future[Any], why: str) -> None:
 async def _read(reader: asyncio.StreamReader) -> dict[str, Any]:
     head = await reader.readexactly(LENGTH.size)
     body = await reader.readexactly(LENGTH.unpack(head)[0])
-    return orjson.loads(body)
+    return marshal.loads(body)
 
 
 def _frame(message: dict[str, Any]) -> bytes:
-    data = orjson.dumps(message)
+    data = marshal.dumps(message)
     return LENGTH.pack(len(data)) + data
 
 

@@ -12,6 +12,7 @@ import contextlib
 import gc
 import importlib
 import json
+import marshal
 import os
 import signal
 import socket
@@ -37,20 +38,6 @@ from services.sandbox.rewrite import (
 )
 from services.sandbox.testruntime import take_snapshot
 from services.sandbox.warmup import warm_up
-
-try:
-    import orjson
-
-    def _dumps(obj: Any) -> bytes:
-        return orjson.dumps(obj)
-
-    _loads = orjson.loads
-except ImportError:  # the worker also runs on a bare interpreter
-
-    def _dumps(obj: Any) -> bytes:
-        return json.dumps(obj).encode()
-
-    _loads = json.loads
 
 LENGTH = struct.Struct(">I")
 READ_ROOTS = ["/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin", "/etc", "/sys/devices/system/cpu"]
@@ -98,7 +85,7 @@ class WorkerConfig:
 
 
 def send(sock: socket.socket, message: dict[str, Any]) -> None:
-    data = _dumps(message)
+    data = marshal.dumps(message)
     sock.sendall(LENGTH.pack(len(data)) + data)
 
 
@@ -107,7 +94,7 @@ def receive(sock: socket.socket) -> dict[str, Any] | None:
     if head is None:
         return None
     body = _recv_exact(sock, LENGTH.unpack(head)[0])
-    return None if body is None else _loads(body)
+    return None if body is None else marshal.loads(body)
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
