@@ -13,12 +13,10 @@ import gc
 import os
 import random
 import select
-import shutil
 import signal
 import socket
 import struct
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
@@ -26,6 +24,7 @@ from typing import Any, NoReturn
 from services.sandbox import harness, isolation
 from services.sandbox.frames import HEADER, NONCE_BYTES, RESULT_FD
 from services.sandbox.harness import ChildJob
+from services.sandbox.runfiles import TempdirDefault, empty_run_dir, prepare_run_dir
 from services.sandbox.testruntime import Snapshot, disable_tracing_hooks
 
 SETUP_FAILED = 125  # exit code of a child whose isolation setup failed (a sandbox error)
@@ -266,38 +265,13 @@ def seal_worker_state(run_dir: str, path_map: dict[str, str], drop_paths: frozen
     sys.path without the project and with readable mirrors, the service's modules not importable by
     name (the harness stays loaded), ctypes refused (a speed bump against patching builtins in C)."""
     os.environ.clear()
-    tempfile.tempdir = run_dir
+    sys.meta_path.insert(0, TempdirDefault(run_dir))
     sys.path[:] = [path_map.get(p, p) for p in sys.path if p not in drop_paths]
     for name in [n for n in sys.modules if n == "services" or n.startswith("services.")]:
         del sys.modules[name]
     for name in ("ctypes", "_ctypes"):
         sys.modules[name] = None  # type: ignore[assignment]  # `import ctypes` raises ImportError
     disable_tracing_hooks()
-
-
-def prepare_run_dir(path: str, uid: int | None) -> None:
-    os.makedirs(path, mode=0o700, exist_ok=True)
-    if uid is not None:
-        os.chown(path, uid, uid)
-    os.chmod(path, 0o700)
-
-
-def empty_run_dir(path: str, uid: int | None) -> None:
-    """Remove everything a run left (as the worker: the run's uid cannot stop it) and restore the
-    directory's owner and mode, which the run could have changed."""
-    with os.scandir(path) as entries:
-        leftovers = [entry.path for entry in entries]
-    for entry in leftovers:
-        if os.path.isdir(entry) and not os.path.islink(entry):
-            _remove_tree(entry)
-        else:
-            try:
-                os.unlink(entry)
-            except FileNotFoundError:
-                pass
-    status = os.lstat(path)
-    if status.st_mode & 0o7777 != 0o700 or (uid is not None and status.st_uid != uid):
-        prepare_run_dir(path, uid)
 
 
 def _record_status(raw: RawRun, status: int) -> None:
@@ -369,18 +343,3 @@ def _close_quietly(fd: int) -> None:
         os.close(fd)
     except OSError:
         pass
-
-
-def _remove_tree(path: str) -> None:
-    def retry(func: Any, target: str, _exc: Any) -> None:
-        try:
-            os.chmod(os.path.dirname(target) or target, 0o700)
-            os.chmod(target, 0o700)
-        except OSError:
-            pass
-        try:
-            func(target)
-        except OSError:
-            pass
-
-    shutil.rmtree(path, onerror=retry)

@@ -26,7 +26,7 @@ from types import CodeType
 from typing import Any
 
 from services.sandbox import hugepages, isolation
-from services.sandbox.executor import Executor, Isolation, Limits, prepare_run_dir, seal_worker_state
+from services.sandbox.executor import Executor, Isolation, Limits, seal_worker_state
 from services.sandbox.frames import COMPILE_ERROR
 from services.sandbox.harness import ChildJob
 from services.sandbox.precompile import precompile
@@ -36,6 +36,7 @@ from services.sandbox.rewrite import (
     prepare_assert_tests,
     prepare_humaneval_tests,
 )
+from services.sandbox.runfiles import prepare_run_dir
 from services.sandbox.testruntime import take_snapshot
 from services.sandbox.warmup import warm_up
 

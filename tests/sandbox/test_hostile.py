@@ -98,6 +98,30 @@ def test_disk_filling_many_files(sandbox: Sandbox):
     contained(sandbox, code, timeout_s=5.0)
 
 
+def test_directory_trees_deeper_than_any_path_or_recursion_limit(sandbox: Sandbox):
+    """Nested by chdir far past PATH_MAX and the recursion limit, with locked directories, a read-only
+    file and a symlink out: all removed after the run, and the next run starts in an empty dir."""
+    code = (
+        "import os\n"
+        "os.symlink('/usr', 'out')\n"
+        "os.mkdir('locked'); open('locked/x', 'w').close(); os.chmod('locked', 0)\n"
+        "for i in range(5000):\n"
+        "    os.mkdir('d' * 40)\n"
+        "    os.chdir('d' * 40)\n"
+        "    if i % 1000 == 999:\n"
+        "        open('ro', 'w').close(); os.chmod('ro', 0o400); os.chmod('..', 0o500)\n"
+        "print(i + 1)\n"
+        "assert False\n"
+    )
+    result = contained(sandbox, code, timeout_s=20.0)
+    assert result.stdout.split() == ["5000"], result  # the whole tree was made: 200,000 bytes of path
+    assert os.path.isdir("/usr/bin"), "the symlink was followed"
+    after = sandbox.run(
+        "import os\ndef f():\n    return os.listdir('.')\n", AssertTests("assert f() == []\n")
+    )
+    assert after.passed, after
+
+
 def test_environment_and_proc_secrets_are_invisible(sandbox: Sandbox):
     assert os.environ.get("PSGPO_SANDBOX_TEST_SECRET") == SECRET  # the service's own environment has it
     code = (
