@@ -3,10 +3,12 @@ and its pool of worker processes. `serve` is what `psgpo serve sandbox` calls.""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ipaddress
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -26,6 +28,7 @@ from services.sandbox.http_api import create_app
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = sandbox_pb2.DESCRIPTOR.services_by_name["SandboxService"].full_name
+HEALTH_POLL_S = 0.5  # how often the gRPC health status is matched to the pool (no worker alive: not serving)
 
 
 @dataclass
@@ -36,15 +39,32 @@ class SandboxService:
     grpc_port: int
     health: health_aio.HealthServicer
     tls: tuple[Path, Path] | None = None  # HTTPS + gRPC TLS (certificate, key)
+    _health_watch: asyncio.Task[None] | None = field(default=None, repr=False)
 
     async def start(self) -> None:
         await self.core.start()
         log_isolation(self.core)
         await set_serving(self.health, [SERVICE_NAME], True)
+        self._health_watch = asyncio.create_task(self._follow_pool())
 
     async def stop(self) -> None:
+        if self._health_watch is not None:
+            self._health_watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._health_watch
         await set_serving(self.health, [SERVICE_NAME], False)
         await self.core.stop()
+
+    async def _follow_pool(self) -> None:
+        """gRPC health says what HTTP /readyz says (core.serving): not serving while no worker is
+        alive, e.g. while every restart is being retried."""
+        serving = True
+        while True:
+            await asyncio.sleep(HEALTH_POLL_S)
+            now = self.core.serving()
+            if now != serving:
+                await set_serving(self.health, [SERVICE_NAME], now)
+                serving = now
 
 
 def log_isolation(core: SandboxCore) -> None:

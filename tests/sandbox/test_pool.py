@@ -26,6 +26,16 @@ def _core(running: Running):
     return running.service.core  # type: ignore[union-attr]
 
 
+def _grpc_health(port: int) -> str:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+
 def _wait_for(condition: Callable[[], bool], seconds: float = 5.0) -> bool:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -214,8 +224,10 @@ def test_a_worker_that_cannot_be_restarted_is_tried_again(monkeypatch):
         failures["left"] = 6  # retried after 0.05, 0.1, 0.2, 0.4, 0.8, 1.6 s
         os.kill(victim, signal.SIGKILL)
         assert _wait_for(lambda: httpx.get(f"{url}/readyz").status_code == 503), "ready with no worker"
+        assert _wait_for(lambda: _grpc_health(running.grpc_port) == "NOT_SERVING"), "gRPC health says serving"
         assert _wait_for(lambda: failures["left"] == 0, 20), "the restart was not retried"
         assert _wait_for(lambda: httpx.get(f"{url}/readyz").status_code == 200, 30), "not ready again"
+        assert _wait_for(lambda: _grpc_health(running.grpc_port) == "SERVING"), "gRPC health not back"
         with SandboxClient(f"http://127.0.0.1:{running.http_port}", timeout_s=60.0) as client:
             assert client.run(QUICK, AssertTests("assert f() == 2\n"), 5.0).passed
         assert core.pool.stats.alive == 1 and core.pool.stats.restarts == 1
