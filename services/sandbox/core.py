@@ -216,12 +216,15 @@ class SandboxCore:
         return result
 
     async def _submit(self, job: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+        try:
+            _check_text(job)
+        except UnicodeEncodeError as exc:  # a lone surrogate
+            raise InvalidInput(f"request is not encodable: {exc}") from None
         for attempt in (1, 2):
             job["id"] = self.pool.next_id()
             try:
-                _check_text(job)
                 payload = marshal.dumps(job)
-            except (UnicodeEncodeError, ValueError) as exc:  # lone surrogates; what marshal cannot write
+            except ValueError as exc:  # an object marshal cannot write
                 raise InvalidInput(f"request is not encodable: {exc}") from None
             try:
                 reply = await self.pool.submit(job, payload, timeout_s)

@@ -7,8 +7,9 @@ with a reference count to take and drop). `MADV_COLLAPSE` (Linux 6.1) moves an a
 range is then one entry at the fork, and a run that writes into it copies only the 4 KB it writes
 (the kernel splits the mapping, in that run only); the huge page stays one block of memory, which
 the kernel copies and frees in batches. Only whole 2 MB-aligned ranges inside one anonymous
-read-write mapping qualify (the malloc heap, pymalloc's arenas): on this VM 2-3 of the worker's
-~12 MB. Measured, 2 workers, the 164 HumanEval solutions, 24 interleaved rounds: ~3% less CPU per run.
+read-write mapping qualify (the malloc heap, pymalloc's arenas): on this VM 0, 2 or 4 MB of the
+worker's ~12 MB, depending on where ASLR put its mappings. Measured, 2 workers, the 164 HumanEval
+solutions, interleaved rounds: 1-3% less CPU per run.
 
 The ranges are not marked `MADV_HUGEPAGE`, so khugepaged leaves them alone and the kernel never
 allocates a 2 MB page for a run's fault there. Where the kernel refuses (no THP support, a kernel

@@ -156,7 +156,7 @@ class Worker:
         gc.collect()
         gc.freeze()
         if cfg.huge_pages:
-            hugepages.collapse()  # last: nothing the worker sets up afterwards lands outside them
+            hugepages.collapse()  # last: the heap has the shape it serves with (warmed up, frozen)
         return executor
 
     def _process_limit(self, uid: int | None, namespaced: bool) -> int:

@@ -67,7 +67,6 @@ def test_collapse_makes_huge_pages_where_the_kernel_can():
     assert size == 20000 * 1000
     assert made >= 1, out.stdout
     assert after >= before + 2048  # KiB: at least one 2 MB page more
-    assert hugepages.collapse() >= 0  # this process too: never raises
 
 
 def test_the_service_reports_each_workers_huge_pages_and_runs_are_unchanged():
