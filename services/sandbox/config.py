@@ -9,17 +9,20 @@ from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from services.common.settings import ServiceSettings
+from services.sandbox.testruntime import NOT_SHADOWED
 
-# Imported once by every worker, so a run costs a fork and not these imports. Test code importing
-# one of SHADOWED gets a private copy of it that the program cannot monkeypatch.
+# Imported once by every worker, so a run costs a fork and not these imports: what model-written
+# solutions commonly import (and what the worker imports anyway: json, dataclasses, array ...). Every
+# preloaded module also makes every run's fork and exit dearer (its memory and mappings), so the rarely
+# used ones (decimal, fractions, statistics, datetime, calendar, cmath, hashlib, unicodedata, zlib,
+# base64, queue ...) are not preloaded: a run that imports one pays 0.6-4.6 ms once, every other run
+# saves ~3.5% of its CPU (docs/sandbox.md, "Preloaded modules"). Test code gets private copies of the
+# standard-library modules it imports, preloaded or not (testruntime.py).
 PRELOAD = [
-    "abc", "array", "base64", "binascii", "bisect", "calendar", "cmath", "collections",
-    "collections.abc", "contextlib", "copy", "dataclasses", "datetime", "decimal", "enum", "fractions",
-    "functools", "hashlib", "heapq", "io", "itertools", "json", "math", "numbers", "operator", "pprint",
-    "queue", "random", "re", "statistics", "string", "struct", "textwrap", "time", "types", "typing",
-    "unicodedata", "weakref", "zlib",
+    "abc", "array", "bisect", "collections", "collections.abc", "contextlib", "copy", "dataclasses",
+    "enum", "functools", "heapq", "io", "itertools", "json", "math", "operator", "random", "re",
+    "string", "struct", "textwrap", "time", "types", "typing", "weakref",
 ]  # fmt: skip
-NOT_SHADOWED = {"io", "types", "weakref", "abc", "contextlib", "queue", "time", "typing", "enum"}
 
 
 def _cores() -> int:

@@ -46,7 +46,7 @@ from services.sandbox.frames import (
     TEST,
 )
 from services.sandbox.rewrite import PreparedTests
-from services.sandbox.testruntime import Snapshot, TestFailed, TestRuntime, reset_tracing
+from services.sandbox.testruntime import Snapshot, TestFailed, TestRuntime, reset_tracing, shadow_test_modules
 from services.sandbox.values import NotPlain, encode, normalize
 
 # Own copies of every builtin: the program may patch the `builtins` module, not this module's dict.
@@ -201,6 +201,9 @@ def _load_program(job: ChildJob, channel: Channel) -> dict[Any, Any]:
 
 
 def run_tests(job: ChildJob, snapshot: Snapshot, channel: Channel) -> NoReturn:
+    assert job.tests is not None
+    if job.tests.modules:
+        shadow_test_modules(snapshot, job.tests.modules)  # before any program code runs
     program = _load_program(job, channel)
     runtime = TestRuntime(snapshot)
     entry = job.entry_point if job.mode == "humaneval" else None
@@ -208,7 +211,6 @@ def run_tests(job: ChildJob, snapshot: Snapshot, channel: Channel) -> NoReturn:
         channel.send(MODULE_ERROR, -1, False, f"entry point {entry!r} is not defined by the program")
         _finish(1)
     ns = runtime.build(program, entry)
-    assert job.tests is not None
     for step in job.tests.steps:
         _run_step(step.code, step.test_index, ns, channel, runtime)
         runtime.register_test_classes()

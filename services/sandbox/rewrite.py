@@ -13,6 +13,9 @@ Counting (`tests_total`) is decided here, from the AST, never by the running pro
   each top-level call of a test-code function that contains asserts, is one test, run separately;
   test code with none of these is one test that passes when it runs to the end;
 - `humaneval` kind: one test, `check(candidate)`, which passes only when it returns normally.
+
+The modules the test code imports by statement are listed too (`PreparedTests.modules`): the run
+imports them, and takes its private copies of them, before the program runs (testruntime.py).
 """
 
 from __future__ import annotations
@@ -41,6 +44,10 @@ class Step:
 class PreparedTests:
     steps: tuple[Step, ...]
     total: int
+    modules: tuple[str, ...] = ()  # absolute imports in the test code, in order (at most MAX_MODULES)
+
+
+MAX_MODULES = 64
 
 
 class _Rewriter(ast.NodeTransformer):
@@ -66,6 +73,19 @@ def _short(text: str, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def imported_modules(tree: ast.AST) -> tuple[str, ...]:
+    """Module names the code imports by statement, anywhere in it (`import a.b`, `from a.b import c`;
+    not relative imports), first occurrence first."""
+    names: dict[str, None] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(dict.fromkeys(alias.name for alias in node.names))
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names[node.module] = None
+    names.pop("__future__", None)
+    return tuple(names)[:MAX_MODULES]
+
+
 def _contains_assert(node: ast.AST) -> bool:
     return any(isinstance(n, ast.Assert) for n in ast.walk(node))
 
@@ -88,6 +108,7 @@ def _compile(node: ast.stmt | ast.Module, filename: str) -> object:
 
 def prepare_assert_tests(source: str, filename: str = "<tests>") -> PreparedTests:
     tree = _parse(source, filename)
+    modules = imported_modules(tree)
     asserting_functions = {
         n.name
         for n in tree.body
@@ -104,8 +125,8 @@ def prepare_assert_tests(source: str, filename: str = "<tests>") -> PreparedTest
         total += int(is_test)
     if total == 0:
         whole = rewriter.visit(_parse(source, filename))
-        return PreparedTests((Step(_compile(whole, filename), 0, "test code"),), 1)
-    return PreparedTests(tuple(steps), total)
+        return PreparedTests((Step(_compile(whole, filename), 0, "test code"),), 1, modules)
+    return PreparedTests(tuple(steps), total, modules)
 
 
 def _is_test_statement(stmt: ast.stmt, asserting_functions: set[str]) -> bool:
@@ -122,7 +143,7 @@ def _is_test_statement(stmt: ast.stmt, asserting_functions: set[str]) -> bool:
 def prepare_humaneval_tests(source: str, filename: str = "<tests>") -> PreparedTests:
     """The whole test module is setup (defines `check`); the harness then calls check(candidate)."""
     tree = _rewrite_module(source, filename)
-    return PreparedTests((Step(_compile(tree, filename), -1, "test code"),), 1)
+    return PreparedTests((Step(_compile(tree, filename), -1, "test code"),), 1, imported_modules(tree))
 
 
 def _rewrite_module(source: str, filename: str) -> ast.Module:

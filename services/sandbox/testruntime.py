@@ -62,32 +62,60 @@ class Snapshot:
     pristine_values: tuple[Any, ...]
 
 
-def take_snapshot(shadow_names: list[str]) -> Snapshot:
-    shadows: dict[str, types.ModuleType] = {}
-    real: dict[int, types.ModuleType] = {}
-    trusted: set[int] = set()
-    keep: list[object] = []  # ids stay valid only while the objects live: the snapshot holds them
-    for name in shadow_names:
+# Modules test code gets as they are, never as private copies (their identity matters more than a
+# patch to them could: typing's generics, abc's registries, io's streams ...).
+NOT_SHADOWED = frozenset({"io", "types", "weakref", "abc", "contextlib", "queue", "time", "typing", "enum"})
+
+
+def _add_shadows(
+    names: list[str],
+    shadows: dict[str, types.ModuleType],
+    real: dict[int, types.ModuleType],
+    trusted: set[int],
+    keep: list[object],
+) -> None:
+    """Private copies of the modules `names` (those imported and not copied yet), and every copy's
+    references to a copied module pointed at its copy; the ids of their functions and classes (and
+    of the classes' methods) added to `trusted`, the objects to `keep` (ids stay valid only while
+    the objects live)."""
+    added = []
+    for name in names:
         module = sys.modules.get(name)
-        if module is None:
+        if module is None or name in shadows:
             continue
         copy = types.ModuleType(name, getattr(module, "__doc__", None))
         copy.__dict__.update(vars(module))
         shadows[name] = copy
         real[id(module)] = copy
+        added.append(module)
+    if not added:
+        return
     for copy in shadows.values():
         for key, value in list(vars(copy).items()):
             if isinstance(value, types.ModuleType) and id(value) in real:
                 setattr(copy, key, real[id(value)])
-    for module in [builtins, *(sys.modules[n] for n in shadow_names if n in sys.modules)]:
-        for value in vars(module).values():
-            keep.append(value)
-            trusted.add(id(value))
-            if isinstance(value, type):
-                for member in vars(value).values():
-                    func = getattr(member, "__func__", member)
-                    keep.append(func)
-                    trusted.add(id(func))
+    for module in added:
+        _trust(module, trusted, keep)
+
+
+def _trust(module: types.ModuleType, trusted: set[int], keep: list[object]) -> None:
+    for value in vars(module).values():
+        keep.append(value)
+        trusted.add(id(value))
+        if isinstance(value, type):
+            for member in vars(value).values():
+                func = getattr(member, "__func__", member)
+                keep.append(func)
+                trusted.add(id(func))
+
+
+def take_snapshot(shadow_names: list[str]) -> Snapshot:
+    shadows: dict[str, types.ModuleType] = {}
+    real: dict[int, types.ModuleType] = {}
+    trusted: set[int] = set()
+    keep: list[object] = []
+    _add_shadows([n for n in shadow_names if n not in NOT_SHADOWED], shadows, real, trusted, keep)
+    _trust(builtins, trusted, keep)
     # Fresh, equal copies of the names, made one after the other: a run's audit touches (and so copies)
     # a few pages of them instead of the ~70 pages over which the interned originals are scattered.
     pristine = {name.encode().decode(): value for name, value in vars(builtins).items()}
@@ -120,6 +148,38 @@ def take_snapshot(shadow_names: list[str]) -> Snapshot:
 
 
 _KEEP: list[object] = []
+
+
+def shadow_test_modules(snapshot: Snapshot, names: tuple[str, ...]) -> None:
+    """In the run, before the program: import the standard-library modules the test code imports that
+    the worker did not preload, and take private copies of them (as the worker did of the preloaded
+    ones), so that a program patching them changes nothing for the tests. A module that does not
+    import is left to the test's own import statement, which reports the error where it always did."""
+    wanted: list[str] = []
+    for name in names:
+        parts = name.split(".")
+        if parts[0] not in sys.stdlib_module_names or parts[0] in NOT_SHADOWED:
+            continue
+        for depth in range(1, len(parts) + 1):
+            prefix = ".".join(parts[:depth])
+            if prefix not in snapshot.shadows and prefix not in wanted:
+                wanted.append(prefix)
+    if not wanted:
+        return
+    for name in wanted:
+        try:
+            _import(name)
+        except BaseException:  # noqa: BLE001, S112 - the test's own import statement reports it
+            continue
+    trusted: set[int] = set()
+    keep: list[object] = []
+    _add_shadows(wanted, snapshot.shadows, snapshot.real_modules, trusted, keep)
+    if trusted:
+        snapshot.trusted_ids = snapshot.trusted_ids | trusted
+        _KEEP.append(keep)
+
+
+_import = builtins.__import__
 
 
 # ---------------------------------------------------------------------------------------------- tracing

@@ -209,7 +209,13 @@ def test_private_temp_dir_is_writable_and_fresh(sandbox: Sandbox):
 
 def test_common_modules_are_preloaded_and_importable(sandbox: Sandbox):
     code = "import fractions, decimal, heapq, bisect, statistics, itertools, functools, re, json, typing\n"
-    assert sandbox.run(code, AssertTests("assert fractions.Fraction(1, 2) == 0.5\n")).passed
+    code += "def half():\n    return statistics.mean([0, 1])\n"
+    tests = "import fractions\nassert fractions.Fraction(1, 2) == 0.5 == half()\n"
+    assert sandbox.run(code, AssertTests(tests + "assert heapq.nsmallest(1, [2, 1]) == [1]\n")).passed
+    missing = sandbox.run(
+        "x = 1\n", AssertTests("import no_such_module_psgpo\nassert no_such_module_psgpo.x == x\n")
+    )
+    assert missing.status is Status.FAILED and "no_such_module_psgpo" in missing.detail, missing
     blocked = sandbox.run("import ctypes\n", AssertTests("assert True\n"))
     assert blocked.status is Status.ERROR and "ctypes" in blocked.detail
 

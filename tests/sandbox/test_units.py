@@ -157,6 +157,43 @@ def test_assert_counting():
         prepare_assert_tests("assert (\n")
 
 
+def test_the_modules_test_code_imports_are_listed():
+    source = (
+        "from __future__ import annotations\nimport statistics, os.path as p\nfrom .local import x\n"
+        "def check(candidate):\n    from fractions import Fraction\n    import statistics\n"
+        "    assert candidate(1)\n"
+    )
+    expected = ("statistics", "os.path", "fractions")
+    assert prepare_humaneval_tests(source).modules == expected
+    assert prepare_assert_tests(source + "assert check(f)\n").modules == expected
+    assert prepare_assert_tests("assert f(1) == 2\n").modules == ()
+    many = "".join(f"import m{i}\n" for i in range(200)) + "assert f()\n"
+    assert len(prepare_assert_tests(many).modules) == 64
+
+
+def test_test_modules_are_copied_before_the_program_runs(monkeypatch):
+    """In a run: a standard-library module the worker did not preload, once the test code imports it,
+    is a private copy whose functions are trusted; other modules are left alone."""
+    import fractions
+    import statistics
+
+    snapshot = testruntime.take_snapshot(["math"])
+    trusted_before = snapshot.trusted_ids
+    testruntime.shadow_test_modules(snapshot, ("statistics", "no_such_module_psgpo", "typing", "os.path"))
+    copy = snapshot.shadows["statistics"]
+    assert copy is not statistics and copy.mean is statistics.mean
+    assert id(statistics.mean) in snapshot.trusted_ids and id(statistics.mean) not in trusted_before
+    assert snapshot.real_modules[id(statistics)] is copy
+    assert {"os", "os.path"} <= set(snapshot.shadows)
+    assert snapshot.shadows["os"].path is snapshot.shadows["os.path"]
+    assert "typing" not in snapshot.shadows  # NOT_SHADOWED: as it is
+    assert "no_such_module_psgpo" not in snapshot.shadows
+    monkeypatch.setattr(statistics, "mean", lambda xs: 0)  # what a program does after: the copy keeps it
+    assert copy.mean([1, 2, 6]) == 3
+    imported = snapshot.builtins["__import__"]
+    assert imported("statistics") is copy and imported("fractions", fromlist=["Fraction"]) is fractions
+
+
 def test_normalize_defeats_rigged_values():
     class Rigged:
         def __eq__(self, other: object) -> bool:

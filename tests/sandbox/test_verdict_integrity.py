@@ -14,6 +14,7 @@ from services.sandbox.client import (
     StdioCase,
     StdioTests,
 )
+from services.sandbox.config import SandboxSettings
 from tests.sandbox.conftest import Sandbox
 
 WRONG = "def add(a, b):\n    return a * b\n"  # right only for add(2, 2): 1 of the 3 asserts
@@ -141,6 +142,31 @@ def test_replacing_modules_in_sys_modules(sandbox: Sandbox):
         "sys.modules['math'] = fake\n"
     )
     judged(sandbox, fake)
+
+
+MEAN_ASSERTS = AssertTests("import statistics\nassert mean3([1, 2, 6]) == statistics.mean([1, 2, 6])\n")
+MEAN_HUMANEVAL = HumanEvalTests(
+    "from statistics import mean\n\n\ndef check(candidate):\n"
+    "    assert candidate([1, 2, 6]) == mean([1, 2, 6])\n",
+    "mean3",
+)
+
+
+@pytest.mark.parametrize(
+    "patch",
+    [
+        "import statistics\nstatistics.mean = lambda xs: 0\n",
+        "import sys, types\nfake = types.ModuleType('statistics')\nfake.mean = lambda xs: 0\n"
+        "sys.modules['statistics'] = fake\n",
+    ],
+)
+def test_patching_a_module_the_worker_did_not_preload(sandbox: Sandbox, patch: str):
+    """The tests import `statistics` (not preloaded): they get a copy taken before the program ran."""
+    assert "statistics" not in SandboxSettings().preload  # this is about modules the run imports itself
+    wrong = patch + "def mean3(xs):\n    return 0\n"
+    for tests in (MEAN_ASSERTS, MEAN_HUMANEVAL):
+        assert not sandbox.run(wrong, tests, timeout_s=3.0).passed
+        assert sandbox.run("def mean3(xs):\n    return sum(xs) / len(xs)\n", tests, timeout_s=3.0).passed
 
 
 def test_tracing_hooks_are_refused(sandbox: Sandbox):
