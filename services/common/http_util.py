@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -140,6 +140,45 @@ class GuardMiddleware:
         await self.app(scope, replay, send)
 
 
+class MetricsMiddleware:
+    """Requests and latency per route (pure ASGI: Starlette's `@app.middleware("http")` runs every
+    request through an extra task and memory streams, ~0.2 ms of CPU each). An exception no handler
+    turned into a response is logged and answered 500, never a traceback to the client."""
+
+    def __init__(self, app: ASGIApp, service: str, latency: Histogram, requests: Counter) -> None:
+        self.app = app
+        self.service = service
+        self.latency = latency
+        self.requests = requests
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        path = scope["path"]
+        route = path if path in scope["app"].state.known_paths else "other"
+        status = 0
+
+        async def sending(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        except Exception:  # never a traceback to the client
+            log.exception("unhandled error on %s", route)
+            if status:
+                raise  # the response had started: the server can only drop the connection
+            status = 500
+            await error_response(500, "internal error")(scope, receive, send)
+        finally:
+            self.latency.labels(self.service, route).observe(time.perf_counter() - t0)
+            self.requests.labels(self.service, route, str(status or 500)).inc()
+
+
 def _one_line_validation(exc: RequestValidationError) -> str:
     parts = []
     errors = exc.errors()
@@ -175,19 +214,6 @@ def install_common(
         buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
     )
 
-    @app.middleware("http")
-    async def _metrics(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        t0 = time.perf_counter()
-        route = request.url.path if request.url.path in app.state.known_paths else "other"
-        try:
-            response = await call_next(request)
-        except Exception:  # never a traceback to the client
-            log.exception("unhandled error on %s", route)
-            response = error_response(500, "internal error")
-        latency.labels(service, route).observe(time.perf_counter() - t0)
-        requests.labels(service, route, str(response.status_code)).inc()
-        return response
-
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONBytes:
         return error_response(422, _one_line_validation(exc))
@@ -218,6 +244,7 @@ def install_common(
     async def metrics() -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
+    app.add_middleware(MetricsMiddleware, service=service, latency=latency, requests=requests)
     shed = Counter("http_shed_total", "POSTs refused with 429 before parsing", ["service"], registry=registry)
     app.add_middleware(
         GuardMiddleware, max_body=max_body, token=token, full=full, on_shed=shed.labels(service).inc
