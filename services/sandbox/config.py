@@ -16,8 +16,8 @@ from services.sandbox.testruntime import NOT_SHADOWED
 # preloaded module also makes every run's fork and exit dearer (its memory and mappings), so the rarely
 # used ones (decimal, fractions, statistics, datetime, calendar, cmath, hashlib, unicodedata, zlib,
 # base64, queue ...) are not preloaded: a run that imports one pays 0.6-4.6 ms once, every other run
-# saves ~3.5% of its CPU (docs/sandbox.md, "Preloaded modules"). Test code gets private copies of the
-# standard-library modules it imports, preloaded or not (testruntime.py).
+# saves ~3% of its CPU (docs/sandbox.md, Performance). Test code gets private copies of these when it
+# imports them, preloaded or not (testruntime.LAZY_SHADOWS).
 PRELOAD = [
     "abc", "array", "bisect", "collections", "collections.abc", "contextlib", "copy", "dataclasses",
     "enum", "functools", "heapq", "io", "itertools", "json", "math", "operator", "random", "re",

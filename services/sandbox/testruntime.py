@@ -8,7 +8,8 @@ Program values reach test code in one of two forms:
   taking its truth value, hashing it or doing arithmetic with it fails the test, since the program
   would decide the outcome. Calls into the program also check that the mutable arguments the test
   passed still hold only builtin data afterwards.
-Test code itself sees pristine builtins and shadow copies of common modules (take_snapshot).
+Test code itself sees pristine builtins and shadow copies of common modules (take_snapshot in the
+worker, shadow_test_modules in the run for the ones it imports that the worker did not preload).
 """
 
 from __future__ import annotations
@@ -65,6 +66,17 @@ class Snapshot:
 # Modules test code gets as they are, never as private copies (their identity matters more than a
 # patch to them could: typing's generics, abc's registries, io's streams ...).
 NOT_SHADOWED = frozenset({"io", "types", "weakref", "abc", "contextlib", "queue", "time", "typing", "enum"})
+# The standard library's computational modules: when test code imports one the worker did not preload,
+# the run copies it before the program runs (shadow_test_modules). Not `sys`, `builtins`, `os` and the
+# like: tests assign to them for the program to see (`sys.stdin = io.StringIO(...)`, mocking `input`).
+LAZY_SHADOWS = frozenset(
+    {
+        "array", "base64", "binascii", "bisect", "calendar", "cmath", "collections", "collections.abc",
+        "copy", "dataclasses", "datetime", "decimal", "fractions", "functools", "hashlib", "heapq",
+        "itertools", "json", "math", "numbers", "operator", "pprint", "random", "re", "statistics",
+        "string", "struct", "textwrap", "unicodedata", "zlib",
+    }
+)  # fmt: skip
 
 
 def _add_shadows(
@@ -151,18 +163,16 @@ _KEEP: list[object] = []
 
 
 def shadow_test_modules(snapshot: Snapshot, names: tuple[str, ...]) -> None:
-    """In the run, before the program: import the standard-library modules the test code imports that
+    """In the run, before the program: import the modules of LAZY_SHADOWS the test code imports that
     the worker did not preload, and take private copies of them (as the worker did of the preloaded
     ones), so that a program patching them changes nothing for the tests. A module that does not
     import is left to the test's own import statement, which reports the error where it always did."""
     wanted: list[str] = []
     for name in names:
         parts = name.split(".")
-        if parts[0] not in sys.stdlib_module_names or parts[0] in NOT_SHADOWED:
-            continue
         for depth in range(1, len(parts) + 1):
             prefix = ".".join(parts[:depth])
-            if prefix not in snapshot.shadows and prefix not in wanted:
+            if prefix in LAZY_SHADOWS and prefix not in snapshot.shadows and prefix not in wanted:
                 wanted.append(prefix)
     if not wanted:
         return

@@ -216,6 +216,12 @@ def test_common_modules_are_preloaded_and_importable(sandbox: Sandbox):
         "x = 1\n", AssertTests("import no_such_module_psgpo\nassert no_such_module_psgpo.x == x\n")
     )
     assert missing.status is Status.FAILED and "no_such_module_psgpo" in missing.detail, missing
+    # what tests assign to in sys and builtins, the program sees (they are never private copies)
+    reader = "def double():\n    return 2 * int(input())\n"
+    stdin = "import io, sys\nsys.stdin = io.StringIO('21\\n')\nassert double() == 42\n"
+    assert sandbox.run(reader, AssertTests(stdin)).passed
+    mocked = "import builtins\nbuiltins.input = lambda *a: '5'\nassert double() == 10\n"
+    assert sandbox.run(reader, AssertTests(mocked)).passed
     blocked = sandbox.run("import ctypes\n", AssertTests("assert True\n"))
     assert blocked.status is Status.ERROR and "ctypes" in blocked.detail
 
