@@ -9,7 +9,9 @@ OUT ?= runs/demo
 
 .PHONY: setup test lint demo bench protos clean
 
-setup: $(STAMP)
+NATIVE := services/sandbox/csrc/libpsgpo_watch.so
+
+setup: $(STAMP) $(NATIVE)
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -17,6 +19,11 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install --quiet -e ".[ml,bench,dev]"
 	touch $(STAMP)
+
+# The sandbox's after-fork watch in C (services/sandbox/native.py); without a C compiler the workers
+# use the Python one, and say so.
+$(NATIVE): services/sandbox/csrc/watch.c $(STAMP)
+	$(BIN)/python -m services.sandbox.native || echo "note: the sandbox's C watch is not built; workers use the Python one"
 
 test: setup
 	$(BIN)/python protos/generate.py --check

@@ -14,7 +14,12 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
 
-RUN python -m venv /opt/venv
+# gcc and libc headers: the sandbox's after-fork watch is compiled here (services/sandbox/native.py);
+# the runtime image gets the built library, not the compiler.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/* \
+    && python -m venv /opt/venv
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY protos ./protos
@@ -23,6 +28,7 @@ COPY trainer ./trainer
 # Not editable: the package lands in the venv's site-packages, which the runs cannot read (the
 # sandbox keeps its own code and install tree out of the runs' Landlock rules).
 RUN /opt/venv/bin/pip install . \
+    && /opt/venv/bin/python -m services.sandbox.native \
     && /opt/venv/bin/python -c "import services.sandbox.server, psgpo.v1.sandbox_pb2"
 
 # ---------------------------------------------------------------------------------------- runtime

@@ -24,6 +24,7 @@ from typing import Any, NoReturn
 from services.sandbox import harness, isolation
 from services.sandbox.frames import HEADER, NONCE_BYTES, RESULT_FD
 from services.sandbox.harness import ChildJob
+from services.sandbox.native import STREAMS, NativeWatch
 from services.sandbox.runfiles import TempdirDefault, empty_run_dir, prepare_run_dir
 from services.sandbox.testruntime import Snapshot, disable_tracing_hooks
 
@@ -80,9 +81,10 @@ class RawRun:
 
 
 class Executor:
-    def __init__(self, iso: Isolation, snapshot: Snapshot) -> None:
+    def __init__(self, iso: Isolation, snapshot: Snapshot, native: NativeWatch | None = None) -> None:
         self.iso = iso
         self.snapshot = snapshot
+        self.native = native  # the after-fork watch in C (native.py); None: _supervise and _reap_all
         self.counter = 0
         self.detach: list[socket.socket] = []  # the worker's own sockets: a run must not close them
         self._vsz = 0
@@ -120,13 +122,18 @@ class Executor:
             os.close(fd)
         raw = RawRun()
         try:
-            self._supervise(pid, {out_r: "stdout", err_r: "stderr", res_r: "result"}, limits, deadline, raw)
+            if self.native is not None:
+                self._watch_natively(pid, (out_r, err_r, res_r), deadline, raw)  # kills, reaps, closes
+            else:
+                pipes = {out_r: "stdout", err_r: "stderr", res_r: "result"}
+                self._supervise(pid, pipes, limits, deadline, raw)
         finally:
             raw.duration_ms = (time.monotonic() - started) * 1000.0
-            _kill_group(pid)
-            self._reap_all(pid, raw)
-            for fd in (out_r, err_r, res_r):
-                _close_quietly(fd)
+            if self.native is None:
+                _kill_group(pid)
+                self._reap_all(pid, raw)
+                for fd in (out_r, err_r, res_r):
+                    _close_quietly(fd)
             empty_run_dir(self.iso.run_dir, self.iso.uid)
         raw.frames, raw.tampered = parse_frames(raw.result, nonce, pid)
         if raw.exit_code == SETUP_FAILED and not raw.frames:
@@ -186,6 +193,19 @@ class Executor:
             os.close(pidfd)
             for fd, name in pipes.items():
                 setattr(raw, name, bytes(buffers[fd]))
+
+    def _watch_natively(self, pid: int, fds: tuple[int, int, int], deadline: float, raw: RawRun) -> None:
+        """What _supervise and _reap_all do, in C (csrc/watch.c)."""
+        assert self.native is not None
+        code, signal_number, timed_out, over, *sizes = self.native.watch(pid, fds, deadline, DRAIN_SECONDS)
+        if code >= 0:
+            raw.exit_code = code
+        if signal_number:
+            raw.signal = signal_number
+        raw.timed_out = bool(timed_out)
+        if over >= 0:
+            raw.output_limit = STREAMS[over]
+        raw.stdout, raw.stderr, raw.result = (self.native.data(i, size) for i, size in enumerate(sizes))
 
     def _collect_status(self, pid: int, raw: RawRun) -> None:
         try:

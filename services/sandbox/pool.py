@@ -77,6 +77,7 @@ class WorkerHandle:
     replies: asyncio.Task[None] | None = None
     watchdog: asyncio.TimerHandle | None = None
     huge_kib: int = 0  # the worker's memory in 2 MB pages (hugepages.py), as it started
+    watch: str = ""  # how it watches its runs after the fork: "C (...)" or "Python (why)" (native.py)
 
     @property
     def pid(self) -> int:
@@ -160,6 +161,7 @@ class WorkerPool:
             workers=s.workers,
             warm_up=s.warm_up,
             precompile=s.precompile,
+            native_watch=s.native_watch,
             huge_pages=s.huge_pages,
             cpu=self.cpus[slot] if self.cpus else None,
         )
@@ -198,7 +200,16 @@ class WorkerPool:
             ) from exc
         layers = [Layer(**layer) for layer in hello["layers"]]
         uid = config.uid if os.getuid() == 0 else None
-        return WorkerHandle(slot, process, reader, writer, layers, uid, huge_kib=hello.get("huge_kib", 0))
+        return WorkerHandle(
+            slot,
+            process,
+            reader,
+            writer,
+            layers,
+            uid,
+            huge_kib=hello.get("huge_kib", 0),
+            watch=hello.get("watch", ""),
+        )
 
     async def _shutdown(self, handle: WorkerHandle) -> None:
         with contextlib.suppress(Exception):
@@ -343,6 +354,9 @@ class WorkerPool:
             handle.watchdog.cancel()
         while handle.pending:
             _fail(handle.pending.popleft().answer, why)
+
+    def watches(self) -> list[str]:
+        return [self.handles[slot].watch for slot in sorted(self.handles)]
 
     def huge_kib(self) -> list[int]:
         """Each worker's memory in 2 MB pages as it started, by slot (hugepages.py)."""

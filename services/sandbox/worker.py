@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 from types import CodeType
 from typing import Any
 
-from services.sandbox import hugepages, isolation
+from services.sandbox import hugepages, isolation, native
 from services.sandbox.executor import Executor, Isolation, Limits, seal_worker_state
 from services.sandbox.frames import COMPILE_ERROR
 from services.sandbox.harness import ChildJob
@@ -74,6 +74,7 @@ class WorkerConfig:
     workers: int
     warm_up: bool = True
     precompile: bool = True  # the worker compiles the program before the fork (precompile.py)
+    native_watch: bool = True  # the after-fork watch in C when it is built (native.py)
     huge_pages: bool = True  # the worker's heap in 2 MB pages (hugepages.py)
     cpu: int | None = None  # this worker and its runs stay on this CPU (None: anywhere)
 
@@ -141,7 +142,10 @@ class Worker:
         seccomp = self._seccomp()
         run_dir = os.path.join(cfg.root, "run")
         prepare_run_dir(run_dir, uid)
-        executor = Executor(Isolation(uid, run_dir, self._landlock(path_map, run_dir)), snapshot)
+        watch, self.watch = None, "Python (SANDBOX_NATIVE_WATCH is off)"
+        if cfg.native_watch:
+            watch, self.watch = native.load((cfg.output_limit, cfg.output_limit, cfg.result_limit))
+        executor = Executor(Isolation(uid, run_dir, self._landlock(path_map, run_dir)), snapshot, watch)
         isolation.apply_worker_rlimits(cfg.file_size, cfg.open_files, self._process_limit(uid, namespaced))
         if cfg.warm_up:
             warm_up(snapshot)
@@ -251,7 +255,8 @@ class Worker:
 
     def serve(self) -> None:
         layers = [asdict(layer) for layer in self.layers]
-        send(self.sock, {"hello": os.getpid(), "layers": layers, "huge_kib": hugepages.huge_kib()})
+        huge_kib = hugepages.huge_kib()
+        send(self.sock, {"hello": os.getpid(), "layers": layers, "huge_kib": huge_kib, "watch": self.watch})
         while True:
             message = receive(self.sock)
             if message is None or message.get("exit"):
