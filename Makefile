@@ -9,7 +9,7 @@ OUT ?= runs/demo
 
 .PHONY: setup test lint demo bench protos clean
 
-NATIVE := services/sandbox/csrc/libpsgpo_watch.so
+NATIVE := services/sandbox/csrc/libpsgpo_runner.so
 
 setup: $(STAMP) $(NATIVE)
 
@@ -20,10 +20,10 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet -e ".[ml,bench,dev]"
 	touch $(STAMP)
 
-# The sandbox's after-fork watch in C (services/sandbox/native.py); without a C compiler the workers
-# use the Python one, and say so.
-$(NATIVE): services/sandbox/csrc/watch.c $(STAMP)
-	$(BIN)/python -m services.sandbox.native || echo "note: the sandbox's C watch is not built; workers use the Python one"
+# The sandbox's runner in C (services/sandbox/native.py); without a C compiler the workers use the
+# Python one, and say so.
+$(NATIVE): services/sandbox/csrc/runner.c $(STAMP)
+	$(BIN)/python -m services.sandbox.native || echo "note: the sandbox's C runner is not built; workers use the Python one"
 
 test: setup
 	$(BIN)/python protos/generate.py --check

@@ -14,7 +14,7 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
 
-# gcc and libc headers: the sandbox's after-fork watch is compiled here (services/sandbox/native.py);
+# gcc and libc headers: the sandbox's runner in C is compiled here (services/sandbox/native.py);
 # the runtime image gets the built library, not the compiler.
 RUN apt-get update \
     && apt-get install -y --no-install-recommends gcc libc6-dev \

@@ -83,8 +83,8 @@ class SandboxSettings(ServiceSettings):
     warm_up: bool = Field(True, description="workers run canned jobs before serving: runs start specialised")
     pin_cpus: bool = Field(True, description="with workers == CPUs, worker i and its runs use CPU i only")
     precompile: bool = Field(True, description="the worker compiles a program (<= 64 KB) before the fork")
-    native_watch: bool = Field(
-        True, description="workers watch runs in C when csrc/watch.c is built (native.py)"
+    native_runner: bool = Field(
+        True, description="workers fork, isolate and watch runs in C when csrc/runner.c is built (native.py)"
     )
     huge_pages: bool = Field(True, description="the worker collapses its heap into 2 MB pages (hugepages.py)")
 

@@ -24,7 +24,7 @@ from typing import Any, NoReturn
 from services.sandbox import harness, isolation
 from services.sandbox.frames import HEADER, NONCE_BYTES, RESULT_FD
 from services.sandbox.harness import ChildJob
-from services.sandbox.native import STREAMS, NativeWatch
+from services.sandbox.native import STREAMS, NativeRunner
 from services.sandbox.runfiles import TempdirDefault, empty_run_dir, prepare_run_dir
 from services.sandbox.testruntime import Snapshot, disable_tracing_hooks
 
@@ -81,14 +81,15 @@ class RawRun:
 
 
 class Executor:
-    def __init__(self, iso: Isolation, snapshot: Snapshot, native: NativeWatch | None = None) -> None:
+    def __init__(self, iso: Isolation, snapshot: Snapshot, native: NativeRunner | None = None) -> None:
         self.iso = iso
         self.snapshot = snapshot
-        self.native = native  # the after-fork watch in C (native.py); None: _supervise and _reap_all
+        self.native = native  # fork, isolation and watch in C (native.py); None: the Python steps here
         self.counter = 0
         self.detach: list[socket.socket] = []  # the worker's own sockets: a run must not close them
         self._vsz = 0
         self.worker_pid = os.getpid()
+        self._run_dir = os.fsencode(iso.run_dir)
         self.parent_death_signal = isolation.PreparedPrctl(isolation.PR_SET_PDEATHSIG, signal.SIGKILL)
         prepare_run_dir(iso.run_dir, iso.uid)
 
@@ -108,16 +109,17 @@ class Executor:
         res_r, res_w = os.pipe2(os.O_CLOEXEC)
         stdin_fd = self._stdin(stdin)
         address_space = self._baseline() + limits.memory_mb * 1024 * 1024
+        child_fds = (stdin_fd, out_w, err_w, res_w)
         started = time.monotonic()
         gc.freeze()
         try:
-            pid = isolation.raw_fork()
+            pid = self._fork(child_fds, address_space, _cpu_seconds(limits))
         except OSError:  # EAGAIN, ENOMEM: no run started; its fds must not leak into the next one
             for fd in (out_r, out_w, err_r, err_w, res_r, res_w, stdin_fd):
                 _close_quietly(fd)
             raise
         if pid == 0:
-            self._child(job, limits, address_space, (stdin_fd, out_w, err_w, res_w), nonce)
+            self._child(job, limits, address_space, child_fds, nonce, isolated=self.native is not None)
         for fd in (out_w, err_w, res_w, stdin_fd):
             os.close(fd)
         raw = RawRun()
@@ -139,6 +141,16 @@ class Executor:
         if raw.exit_code == SETUP_FAILED and not raw.frames:
             raw.setup_error = raw.stderr.decode("utf-8", "replace").strip() or "sandbox setup failed"
         return raw
+
+    def _fork(self, fds: tuple[int, int, int, int], address_space: int, cpu_seconds: int) -> int:
+        if self.native is None:
+            return isolation.raw_fork()  # the child isolates itself (_isolate)
+        iso = self.iso
+        landlock = iso.landlock.fd if iso.landlock is not None else -1
+        uid = iso.uid if iso.uid is not None else -1
+        return self.native.fork_run(
+            fds, self._run_dir, address_space, cpu_seconds, landlock, uid, self.worker_pid
+        )
 
     def _stdin(self, data: bytes | None) -> int:
         if not data:
@@ -195,7 +207,7 @@ class Executor:
                 setattr(raw, name, bytes(buffers[fd]))
 
     def _watch_natively(self, pid: int, fds: tuple[int, int, int], deadline: float, raw: RawRun) -> None:
-        """What _supervise and _reap_all do, in C (csrc/watch.c)."""
+        """What _supervise and _reap_all do, in C (csrc/runner.c)."""
         assert self.native is not None
         code, signal_number, timed_out, over, *sizes = self.native.watch(pid, fds, deadline, DRAIN_SECONDS)
         if code >= 0:
@@ -244,11 +256,14 @@ class Executor:
         address_space: int,
         fds: tuple[int, int, int, int],
         nonce: bytes,
+        isolated: bool,
     ) -> NoReturn:
+        """In the forked child: isolation (unless the C runner did it before returning), then the harness."""
         try:
             for sock in self.detach:
                 sock.detach()
-            self._isolate(limits, address_space, fds)
+            if not isolated:
+                self._isolate(limits, address_space, fds)
             random.seed()  # the fork skipped random's own after-fork reseed
         except BaseException as exc:  # noqa: BLE001 - report and exit: never run the program half-isolated
             try:
@@ -263,7 +278,7 @@ class Executor:
     def _isolate(self, limits: Limits, address_space: int, fds: tuple[int, int, int, int]) -> None:
         os.setsid()
         os.chdir(self.iso.run_dir)
-        isolation.apply_run_rlimits(address_space, max(1, int(limits.timeout_s + 1.999)))
+        isolation.apply_run_rlimits(address_space, _cpu_seconds(limits))
         if self.iso.landlock is not None:
             self.iso.landlock.restrict_self()
         if self.iso.uid is not None:
@@ -292,6 +307,11 @@ def seal_worker_state(run_dir: str, path_map: dict[str, str], drop_paths: frozen
     for name in ("ctypes", "_ctypes"):
         sys.modules[name] = None  # type: ignore[assignment]  # `import ctypes` raises ImportError
     disable_tracing_hooks()
+
+
+def _cpu_seconds(limits: Limits) -> int:
+    """RLIMIT_CPU of a run: its timeout, rounded up, plus a second (the wall-clock deadline comes first)."""
+    return max(1, int(limits.timeout_s + 1.999))
 
 
 def _record_status(raw: RawRun, status: int) -> None:

@@ -170,7 +170,7 @@ def build_router(core: SandboxCore) -> APIRouter:
                 "workers": s.workers,
                 "worker_queue": s.worker_queue,  # jobs in flight at most: workers x worker_queue
                 "huge_pages_kib": core.pool.huge_kib(),  # per worker, as started (hugepages.py)
-                "watch": core.pool.watches(),  # per worker: "C (...)" or "Python (why)" (native.py)
+                "runner": core.pool.runners(),  # per worker: "C (...)" or "Python (why)" (native.py)
                 "isolation": [
                     {"name": layer.name, "active": layer.active, "detail": layer.detail}
                     for layer in core.pool.layers

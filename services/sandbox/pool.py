@@ -77,7 +77,7 @@ class WorkerHandle:
     replies: asyncio.Task[None] | None = None
     watchdog: asyncio.TimerHandle | None = None
     huge_kib: int = 0  # the worker's memory in 2 MB pages (hugepages.py), as it started
-    watch: str = ""  # how it watches its runs after the fork: "C (...)" or "Python (why)" (native.py)
+    runner: str = ""  # how it forks, isolates and watches runs: "C (...)" or "Python (why)" (native.py)
 
     @property
     def pid(self) -> int:
@@ -161,7 +161,7 @@ class WorkerPool:
             workers=s.workers,
             warm_up=s.warm_up,
             precompile=s.precompile,
-            native_watch=s.native_watch,
+            native_runner=s.native_runner,
             huge_pages=s.huge_pages,
             cpu=self.cpus[slot] if self.cpus else None,
         )
@@ -208,7 +208,7 @@ class WorkerPool:
             layers,
             uid,
             huge_kib=hello.get("huge_kib", 0),
-            watch=hello.get("watch", ""),
+            runner=hello.get("runner", ""),
         )
 
     async def _shutdown(self, handle: WorkerHandle) -> None:
@@ -355,8 +355,8 @@ class WorkerPool:
         while handle.pending:
             _fail(handle.pending.popleft().answer, why)
 
-    def watches(self) -> list[str]:
-        return [self.handles[slot].watch for slot in sorted(self.handles)]
+    def runners(self) -> list[str]:
+        return [self.handles[slot].runner for slot in sorted(self.handles)]
 
     def huge_kib(self) -> list[int]:
         """Each worker's memory in 2 MB pages as it started, by slot (hugepages.py)."""

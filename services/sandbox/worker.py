@@ -74,7 +74,7 @@ class WorkerConfig:
     workers: int
     warm_up: bool = True
     precompile: bool = True  # the worker compiles the program before the fork (precompile.py)
-    native_watch: bool = True  # the after-fork watch in C when it is built (native.py)
+    native_runner: bool = True  # fork, isolate and watch runs in C when it is built (native.py)
     huge_pages: bool = True  # the worker's heap in 2 MB pages (hugepages.py)
     cpu: int | None = None  # this worker and its runs stay on this CPU (None: anywhere)
 
@@ -142,10 +142,10 @@ class Worker:
         seccomp = self._seccomp()
         run_dir = os.path.join(cfg.root, "run")
         prepare_run_dir(run_dir, uid)
-        watch, self.watch = None, "Python (SANDBOX_NATIVE_WATCH is off)"
-        if cfg.native_watch:
-            watch, self.watch = native.load((cfg.output_limit, cfg.output_limit, cfg.result_limit))
-        executor = Executor(Isolation(uid, run_dir, self._landlock(path_map, run_dir)), snapshot, watch)
+        runner, self.runner = None, "Python (SANDBOX_NATIVE_RUNNER is off)"
+        if cfg.native_runner:
+            runner, self.runner = native.load((cfg.output_limit, cfg.output_limit, cfg.result_limit))
+        executor = Executor(Isolation(uid, run_dir, self._landlock(path_map, run_dir)), snapshot, runner)
         isolation.apply_worker_rlimits(cfg.file_size, cfg.open_files, self._process_limit(uid, namespaced))
         if cfg.warm_up:
             warm_up(snapshot)
@@ -256,7 +256,7 @@ class Worker:
     def serve(self) -> None:
         layers = [asdict(layer) for layer in self.layers]
         huge_kib = hugepages.huge_kib()
-        send(self.sock, {"hello": os.getpid(), "layers": layers, "huge_kib": huge_kib, "watch": self.watch})
+        send(self.sock, {"hello": os.getpid(), "layers": layers, "huge_kib": huge_kib, "runner": self.runner})
         while True:
             message = receive(self.sock)
             if message is None or message.get("exit"):

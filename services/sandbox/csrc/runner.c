@@ -1,9 +1,16 @@
-/* The worker's side of one run, after the fork: watch, kill, reap (services/sandbox/native.py).
+/* One run, from the worker's side, in C (services/sandbox/native.py): the fork and the run's isolation
+ * steps (psgpo_fork_run), then watch, kill, reap (psgpo_watch). The same steps as Executor._isolate,
+ * Executor._supervise and Executor._reap_all in executor.py, which the worker uses when this is not
+ * built. Build: `python -m services.sandbox.native` (make setup does).
  *
- * The same steps as Executor._supervise and Executor._reap_all in executor.py, in C: the worker's
- * Python code for them cost ~0.2 ms of CPU per run (~6% of a HumanEval run), most of it in the pages
- * it touched while the run was alive. Build: `python -m services.sandbox.native` (make setup does).
+ * psgpo_fork_run, in the child, before any Python code of the run: its own session, the run dir,
+ * RLIMIT_AS and RLIMIT_CPU, Landlock (when the worker prepared a ruleset), the run's uid and gid (when
+ * given), SIGKILL when the worker dies, the check that the worker is still its parent, the pipes on
+ * 0, 1, 2 and the result fd, every other fd closed. A step that fails writes one line to the stderr
+ * pipe and exits 125 (the worker reports a sandbox error). Returns the pid in the worker, 0 in the
+ * isolated child, -errno when fork fails.
  *
+ * psgpo_watch:
  *   - read the run's stdout, stderr and result pipes into the caller's buffers, each up to its cap;
  *     one byte over a cap ends the watch (that stream is reported);
  *   - SIGKILL the run's process group at the deadline (CLOCK_MONOTONIC, as Python's time.monotonic);
@@ -18,6 +25,9 @@
  * closed in every case.
  */
 #define _GNU_SOURCE
+#include <grp.h>
+#include <sys/prctl.h>
+#include <sys/resource.h>
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -34,6 +44,55 @@
 #ifndef SYS_pidfd_open
 #define SYS_pidfd_open 434
 #endif
+#ifndef SYS_close_range
+#define SYS_close_range 436
+#endif
+#ifndef SYS_landlock_restrict_self
+#define SYS_landlock_restrict_self 446
+#endif
+#define SETUP_FAILED 125
+
+static void setup_failed(int err_fd, const char *step) {
+    char line[256];
+    int n = snprintf(line, sizeof line, "sandbox setup failed: %s: %s\n", step, strerror(errno));
+    if (n > 0 && write(err_fd, line, (size_t)n) < 0) { /* nothing more to say */ }
+    _exit(SETUP_FAILED);
+}
+
+/* fds: the run's stdin, stdout, stderr and result pipe ends; uid < 0 keeps the worker's ids. */
+long psgpo_fork_run(const int *fds, int result_fd, const char *run_dir, long address_space,
+                    long cpu_seconds, int landlock_fd, long uid, long worker_pid) {
+    pid_t pid = fork();
+    if (pid < 0) return -errno;
+    if (pid > 0) return pid;
+    int err = fds[2];
+    if (setsid() < 0) setup_failed(err, "setsid");
+    if (chdir(run_dir) < 0) setup_failed(err, "chdir to the run dir");
+    struct rlimit as = {(rlim_t)address_space, (rlim_t)address_space};
+    struct rlimit cpu = {(rlim_t)cpu_seconds, (rlim_t)cpu_seconds + 1};
+    if (setrlimit(RLIMIT_AS, &as) < 0) setup_failed(err, "RLIMIT_AS");
+    if (setrlimit(RLIMIT_CPU, &cpu) < 0) setup_failed(err, "RLIMIT_CPU");
+    if (landlock_fd >= 0 && syscall(SYS_landlock_restrict_self, landlock_fd, 0) < 0)
+        setup_failed(err, "landlock_restrict_self");
+    if (uid >= 0) {
+        if (setgroups(0, NULL) < 0) setup_failed(err, "setgroups");
+        if (setresgid((gid_t)uid, (gid_t)uid, (gid_t)uid) < 0) setup_failed(err, "setresgid");
+        if (setresuid((uid_t)uid, (uid_t)uid, (uid_t)uid) < 0) setup_failed(err, "setresuid");
+    }
+    if (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) < 0) setup_failed(err, "PR_SET_PDEATHSIG");  /* after the uid change, which clears it */
+    if (getppid() != (pid_t)worker_pid) {
+        errno = ESRCH;
+        setup_failed(err, "the worker died while the run started");
+    }
+    int targets[4] = {0, 1, 2, result_fd};
+    for (int i = 0; i < 4; i++)
+        if (dup2(fds[i], targets[i]) < 0) setup_failed(err, "dup2");
+    if (syscall(SYS_close_range, (unsigned)result_fd + 1, ~0U, 0) < 0) {
+        long top = sysconf(_SC_OPEN_MAX);
+        for (long fd = result_fd + 1; fd < (top > 0 ? top : 1024); fd++) close((int)fd);
+    }
+    return 0;
+}
 
 #define CHUNK 65536
 
