@@ -5,6 +5,10 @@ interpreter start: everything is already imported). The child enters every isola
 the harness; the worker reads stdout, stderr and the result channel through capped pipes, enforces
 the wall-clock deadline with SIGKILL, and at the end kills the run's whole process group and every
 process re-parented to it (it is a child subreaper), so nothing the run started survives it.
+
+The fork, the isolation steps and the watch run in C when csrc/runner.c is built (native.py: the
+same steps, measured 7-8% less CPU per run); the Python methods here are the fallback, and the tests
+hold the two to the same results.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ import pytest
 
 from services.sandbox import native
 from services.sandbox.client import AssertTests, SandboxClient, Status, StdioCase, StdioTests
+from services.sandbox.config import SandboxSettings
 from tests.sandbox.conftest import Sandbox, start_sandbox
 
 NOT_BUILT = "the C runner is not built (no C compiler when `make setup` ran): only the Python one is here"
@@ -26,6 +27,9 @@ SUM = "import sys\nprint(sum(map(int, sys.stdin.read().split())))\nsys.stderr.wr
 SUMS = StdioTests([StdioCase("1 2 3\n", "6\n"), StdioCase("4 5\n", "10\n")])
 
 
+CAP = SandboxSettings().output_limit_bytes  # both services below run with the default
+
+
 def flood(fd: int) -> str:
     return f"import os\nwhile True:\n    os.write({fd}, b'x' * 65536)\n"
 
@@ -39,6 +43,15 @@ PROGRAMS: list[tuple[str, str, object, float, Status]] = [
     ("stdout flood", flood(1), TRIVIAL, 5.0, Status.OUTPUT_LIMIT),
     ("stderr flood", flood(2), TRIVIAL, 5.0, Status.OUTPUT_LIMIT),
     ("result flood", flood(3), TRIVIAL, 5.0, Status.OUTPUT_LIMIT),
+    ("stdout at its cap", f"import os\nos.write(1, b'a' * {CAP})\n", TRIVIAL, 5.0, Status.PASSED),
+    ("stdout a byte over", f"import os\nos.write(1, b'a' * {CAP + 1})\n", TRIVIAL, 5.0, Status.OUTPUT_LIMIT),
+    (
+        "stdout closed, then a hang",
+        "import os\nos.close(1)\nwhile True:\n    pass\n",
+        TRIVIAL,
+        1.0,
+        Status.TIMEOUT,
+    ),
     ("double-fork daemon", DAEMON, AssertTests("assert f() == 1\n"), 3.0, Status.PASSED),
     ("kill own group", "import os, signal\nos.killpg(0, signal.SIGKILL)\n", TRIVIAL, 3.0, Status.FAILED),
     ("stdio", SUM, SUMS, 3.0, Status.FAILED),
