@@ -3,7 +3,8 @@ the server, so it holds none of the server's memory or secrets), it enters its o
 namespaces, imports the modules programs commonly use, prepares Landlock and seccomp, and then runs
 jobs from the service one at a time, one fork per run (executor.py).
 
-Protocol on the inherited socket, both ways: 4-byte big-endian length, then a JSON object.
+Protocol on the inherited socket, both ways: 4-byte big-endian length, then a dict in `marshal` (the
+service and its own worker trust each other; nothing a run writes is unmarshalled).
 """
 
 from __future__ import annotations
