@@ -69,7 +69,6 @@ class NativeRunner:
         addresses = [ctypes.addressof(ctypes.c_char.from_buffer(buffer)) for buffer in self.buffers]
         self.fds, self.child_fds, self.caps, self.out = _Three(), _Four(), _Longs(*caps), _Out()
         self.pointers = _Pointers(*addresses)
-        self.run_dir = b""
 
     def fork_run(
         self,
@@ -83,7 +82,6 @@ class NativeRunner:
     ) -> int:
         """fork(); the child is isolated (csrc/runner.c) when this returns 0 in it. The pid in the worker."""
         self.child_fds[0], self.child_fds[1], self.child_fds[2], self.child_fds[3] = fds
-        self.run_dir = run_dir  # ctypes keeps no reference to the bytes it passes
         pid = self._fork_run(
             self.child_fds, RESULT_FD, run_dir, address_space, cpu_seconds, landlock_fd, uid, worker_pid
         )

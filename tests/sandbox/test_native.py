@@ -3,7 +3,10 @@ same: the same programs, hostile ones included, through a service of each kind, 
 
 from __future__ import annotations
 
+import ast
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -132,36 +135,51 @@ def _loaded() -> native.NativeRunner:
     return runner
 
 
+# Run in a fresh interpreter: the child goes back into Python after the fork, which is only safe in a
+# single-threaded process (as the worker is); pytest here holds service threads that may own the GIL.
+ISOLATION_PROBE = """
+import os, resource, sys
+from services.sandbox import native
+
+runner, why = native.load((1024, 1024, 1024))
+assert runner is not None, why
+stdin_r, stdin_w = os.pipe()
+out_r, out_w = os.pipe()
+err_r, err_w = os.pipe()
+res_r, res_w = os.pipe()
+stray = os.open(os.devnull, os.O_RDONLY)  # inheritable: only the C code's close_range shuts it
+os.write(stdin_w, b"in")
+os.close(stdin_w)
+fds = (stdin_r, out_w, err_w, res_w)
+pid = runner.fork_run(fds, os.fsencode(sys.argv[1]), 1 << 40, 7, -1, -1, os.getpid())
+if pid == 0:  # the isolated child: report and leave at once
+    try:
+        report = [os.getsid(0) == os.getpid(), os.getcwd(), resource.getrlimit(resource.RLIMIT_CPU)]
+        report += [os.read(0, 2).decode(), sorted(int(fd) for fd in os.listdir("/proc/self/fd"))]
+        os.write(3, repr(report).encode())
+    finally:
+        os._exit(0)
+for fd in (stdin_r, out_w, err_w, res_w, stray):
+    os.close(fd)
+_, status = os.waitpid(pid, 0)
+print(os.waitstatus_to_exitcode(status), os.read(res_r, 4096).decode())
+"""
+
+
 def test_the_c_runner_isolates_the_child_before_it_returns(tmp_path: Path):
     """In the child: its own session, the run dir, the rlimits, the pipes on 0-3 and nothing else open."""
-    runner = _loaded()
-    stdin_r, stdin_w = os.pipe()
-    out_r, out_w = os.pipe()
-    err_r, err_w = os.pipe()
-    res_r, res_w = os.pipe()
-    stray = os.open(os.devnull, os.O_RDONLY)  # inheritable: only the C code's close_range shuts it
-    os.write(stdin_w, b"in")
-    os.close(stdin_w)
-    pid = runner.fork_run(
-        (stdin_r, out_w, err_w, res_w), os.fsencode(tmp_path), 1 << 40, 7, -1, -1, os.getpid()
+    _loaded()
+    probe = subprocess.run(
+        [sys.executable, "-c", ISOLATION_PROBE, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=native.SOURCE.parents[3],
     )
-    if pid == 0:  # the isolated child: report and leave at once (never back into pytest)
-        try:
-            import resource
-
-            report = [os.getsid(0) == os.getpid(), os.getcwd(), resource.getrlimit(resource.RLIMIT_CPU)]
-            report += [os.read(0, 2).decode(), sorted(int(fd) for fd in os.listdir("/proc/self/fd"))]
-            os.write(3, repr(report).encode())
-        finally:
-            os._exit(0)
-    for fd in (stdin_r, out_w, err_w, res_w, stray):
-        os.close(fd)
-    _, status = os.waitpid(pid, 0)
-    report = os.read(res_r, 4096).decode()
-    for fd in (out_r, err_r, res_r):
-        os.close(fd)
-    assert os.waitstatus_to_exitcode(status) == 0, report
-    own_session, cwd, cpu, stdin, fds = eval(report)  # noqa: S307 - our own child's repr of plain values
+    assert probe.returncode == 0, probe.stderr
+    code, _, report = probe.stdout.strip().partition(" ")
+    assert code == "0", probe.stdout
+    own_session, cwd, cpu, stdin, fds = ast.literal_eval(report)
     assert own_session and cwd == str(tmp_path) and cpu == (7, 8) and stdin == "in"
     assert fds[:4] == [0, 1, 2, 3] and len(fds) == 5  # 0-3 and the fd listdir itself opened
 
@@ -171,8 +189,10 @@ def test_the_c_runner_reports_a_failed_step_and_exits_125(tmp_path: Path):
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
     missing = os.fsencode(tmp_path / "no" / "such" / "dir")
+    # The child never returns to Python here (the chdir fails inside the C code), so forking pytest's
+    # multi-threaded process is safe.
     pid = runner.fork_run((out_r, out_w, err_w, out_w), missing, 1 << 40, 5, -1, -1, os.getpid())
-    if pid == 0:  # only if chdir somehow worked: never run pytest in the child
+    if pid == 0:  # only if chdir somehow worked
         os._exit(99)
     os.close(err_w)
     _, status = os.waitpid(pid, 0)
